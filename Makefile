@@ -1,0 +1,33 @@
+# `make run` / `make test` install whatever is missing, then run. ARGS / PYTEST_ARGS pass extra arguments:
+#   make run ARGS="method=rtn_minmax quant=w2a2"      make test PYTEST_ARGS="-m slow"
+PYTHON ?= python3
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+export WANDB_MODE ?= offline
+
+.PHONY: run test deps data lint
+
+run: deps data
+	$(PYTHON) run.py $(ARGS)
+
+test: deps data
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# pip dependencies (torch/torchvision at matching PyPI versions, lightning, hydra, wandb, pytest ...)
+# and pdq itself in editable mode, unless this checkout's pdq is already importable with them.
+deps:
+	@$(PYTHON) scripts/check_env.py || $(PYTHON) -m pip install -e ".[dev]"
+
+# the real Fashion-MNIST IDX files from Debian's package, when apt is usable and they are missing
+data:
+	@if [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ] && [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	  elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
+	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	  else \
+	    echo "note: $(FMNIST_DIR) is missing and apt is not usable; pass data.root=PATH to the IDX files"; \
+	  fi; \
+	fi
+
+lint: deps
+	$(PYTHON) -m ruff check .

@@ -1,0 +1,133 @@
+"""Model registry: embedded reference models, torchvision classification models, and (later) the paper zoo.
+
+`build_model` is the `_target_` of every `conf/model/*.yaml`."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from pdq.errors import PdqError
+from pdq.models import fmnist
+
+CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
+
+#: models defined in pdq whose trained checkpoints ship with the package
+EMBEDDED: dict[str, Callable[..., nn.Module]] = {
+    "resnet20_fmnist": fmnist.resnet20_fmnist,
+    "mobilenetv2_fmnist": fmnist.mobilenetv2_fmnist,
+}
+#: further pdq-defined architectures (the paper zoo registers here); loaded from `checkpoint=`
+REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str):
+    def deco(fn):
+        REGISTRY[name] = fn
+        return fn
+    return deco
+
+
+def torchvision_names() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def known_models() -> list[str]:
+    return sorted(EMBEDDED) + sorted(REGISTRY) + torchvision_names()
+
+
+def check_model_name(name: str) -> None:
+    if name not in EMBEDDED and name not in REGISTRY and name not in torchvision_names():
+        raise PdqError(f"unknown model {name!r}; accepted: {', '.join(sorted(EMBEDDED) + sorted(REGISTRY))}, "
+                       f"or a torchvision classification model ({', '.join(torchvision_names()[:6])}, ...)")
+
+
+def _expected_sha256(path: Path) -> str | None:
+    sums = path.parent / "SHA256SUMS"
+    if not sums.exists():
+        return None
+    for line in sums.read_text().splitlines():
+        digest, _, fname = line.partition("  ")
+        if fname == path.name:
+            return digest
+    return None
+
+
+def load_state_dict(path: str | Path, verify_sha256: bool = False) -> dict[str, torch.Tensor]:
+    """Load a checkpoint file into a state dict; accepts a raw state dict or one under
+    `state_dict` / `model` (BRECQ's MobileNetV2), and strips a DDP `module.` prefix."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PdqError(f"model.checkpoint={str(path)!r} does not exist (accepted: a readable .pt/.pth/.pth.tar file)")
+    if verify_sha256:
+        want = _expected_sha256(path)
+        got = hashlib.sha256(path.read_bytes()).hexdigest()
+        if want is not None and want != got:
+            raise PdqError(f"checkpoint {path} is corrupt: SHA-256 {got} does not match the recorded {want}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle garbage, ...
+        raise PdqError(f"model.checkpoint={str(path)!r} is corrupt or not a PyTorch checkpoint: "
+                       f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise PdqError(f"model.checkpoint={str(path)!r} holds no state dict (a dict of tensors, "
+                       f"optionally under 'state_dict' or 'model')")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise PdqError(f"{source} does not fit {type(model).__name__}: {str(e).splitlines()[0][:300]}") from None
+    return model
+
+
+def build_model(name: str, checkpoint: str | None = None, weights: str | None = None,
+                pretrained: bool = True, num_classes: int | None = None) -> nn.Module:
+    """Build model `name` in eval mode. Embedded models load their bundled checkpoint unless
+    `checkpoint=` is given; torchvision models need `weights=` (enum name) or `checkpoint=`."""
+    check_model_name(name)
+    kwargs = {"num_classes": num_classes} if num_classes else {}
+    if name in EMBEDDED or name in REGISTRY:
+        if weights:
+            raise PdqError(f"model.weights={weights!r} applies to torchvision models only; "
+                           f"{name} loads model.checkpoint=PATH")
+        model = (EMBEDDED.get(name) or REGISTRY[name])(**kwargs)
+        if checkpoint is None and name in EMBEDDED and pretrained:
+            path = CHECKPOINT_DIR / f"{name}.pt"
+            _load_into(model, load_state_dict(path, verify_sha256=True), f"bundled checkpoint {path}")
+        elif checkpoint is not None:
+            _load_into(model, load_state_dict(checkpoint), f"model.checkpoint={checkpoint!r}")
+        elif pretrained:
+            raise PdqError(f"model={name} has no bundled weights: set model.checkpoint=PATH")
+        return model.eval()
+    if weights and checkpoint:
+        raise PdqError("set either model.weights or model.checkpoint, not both")
+    if weights:
+        try:
+            enum = torchvision.models.get_model_weights(name)
+            w = enum[weights.split(".")[-1]]
+        except KeyError:
+            raise PdqError(f"model.weights={weights!r} is not a weights enum of {name}; accepted: "
+                           f"{', '.join(enum.__members__)}") from None
+        try:
+            return torchvision.models.get_model(name, weights=w, **kwargs).eval()
+        except Exception as e:
+            raise PdqError(f"could not fetch torchvision weights {weights} for {name} ({type(e).__name__}); "
+                           f"offline machines use model.checkpoint=PATH") from None
+    if checkpoint is None and pretrained:
+        raise PdqError(f"model={name} needs trained weights: model.weights=<enum, e.g. IMAGENET1K_V1> "
+                       f"or model.checkpoint=PATH")
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    if checkpoint is not None:
+        _load_into(model, load_state_dict(checkpoint), f"model.checkpoint={checkpoint!r}")
+    return model.eval()

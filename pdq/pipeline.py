@@ -1,0 +1,109 @@
+"""One pdq run: validate the config, load model and data, evaluate FP, quantize, evaluate, write results."""
+
+from __future__ import annotations
+
+import logging
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import lightning as L
+import torch
+import torchvision
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import pdq
+from pdq.errors import PdqError
+from pdq.evaluate import evaluate
+from pdq.io import atomic_torch_save, atomic_write_json
+from pdq.methods.rtn import QuantContext
+from pdq.models import check_model_name
+from pdq.quant import apply_layout, quantize_model
+from pdq.quant.layout import BitLayout
+
+log = logging.getLogger("pdq")
+
+
+def validate(cfg: DictConfig) -> BitLayout:
+    """Cheap checks of every user value, before anything heavy is loaded."""
+    check_model_name(cfg.model.name)
+    if cfg.model.get("checkpoint") and not Path(cfg.model.checkpoint).expanduser().is_file():
+        raise PdqError(f"model.checkpoint={cfg.model.checkpoint!r} does not exist "
+                       f"(accepted: a readable checkpoint file)")
+    for key in ("size", "batch_size", "act_init_size"):
+        value = cfg.calib[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PdqError(f"calib.{key}={value!r} is not accepted; accepted: a positive integer")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise PdqError(f"seed={cfg.seed!r} is not accepted; accepted: an integer")
+    layout = instantiate(cfg.quant, _convert_="all")
+    accelerator = cfg.trainer.get("accelerator", "cpu")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise PdqError(f"trainer.accelerator={accelerator!r} but no CUDA device is visible; accepted here: cpu")
+    return layout
+
+
+def resolve_device(cfg: DictConfig) -> torch.device:
+    accelerator = cfg.trainer.get("accelerator", "cpu")
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def versions() -> dict[str, str]:
+    return {"pdq": pdq.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "lightning": version("lightning")}
+
+
+def run(cfg: DictConfig) -> dict:
+    t0 = time.time()
+    layout = validate(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.use_deterministic_algorithms(bool(cfg.trainer.get("deterministic", True)), warn_only=True)
+    device = resolve_device(cfg)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup()
+    if cfg.calib.size > datamodule.train_size:
+        raise PdqError(f"calib.size={cfg.calib.size} is larger than the training split "
+                       f"({datamodule.train_size} images); accepted: 1..{datamodule.train_size}")
+    model = instantiate(cfg.model).to(device)
+    method = instantiate(cfg.method)
+    logger = instantiate(cfg.logger) if cfg.get("logger") else None
+
+    log.info("model=%s data=%s method=%s W%dA%d layout=%s seed=%d device=%s", cfg.model.name,
+             datamodule.name, method.name, layout.w_bits, layout.a_bits, layout.layout, cfg.seed, device)
+    test_loader = datamodule.test_dataloader()
+    fp_top1 = evaluate(model, test_loader, device, desc="FP eval")
+    log.info("FP top-1: %.2f%%", fp_top1)
+
+    calib = datamodule.calibration_set(cfg.calib.size, cfg.seed)
+    qmodel = quantize_model(model).to(device)
+    table = layout.resolve(qmodel)
+    apply_layout(qmodel, table)
+    ctx = QuantContext(device=device, batch_size=cfg.calib.batch_size, act_init_size=cfg.calib.act_init_size,
+                       seed=cfg.seed)
+    t_q = time.time()
+    units = method.quantize(qmodel, calib, ctx)
+    quant_seconds = time.time() - t_q
+    quant_top1 = evaluate(qmodel, test_loader, device, desc="quant eval")
+    log.info("%s W%dA%d top-1: %.2f%% (FP %.2f%%)", method.name, layout.w_bits, layout.a_bits, quant_top1, fp_top1)
+
+    results = {
+        "model": cfg.model.name, "dataset": datamodule.name, "method": method.name,
+        "w_bits": layout.w_bits, "a_bits": layout.a_bits, "seed": cfg.seed, "calib_size": cfg.calib.size,
+        "iters": int(getattr(method, "iters", 0)), "fp_top1": round(fp_top1, 4), "quant_top1": round(quant_top1, 4),
+        "wall_s": round(time.time() - t0, 2), "quant_s": round(quant_seconds, 2), "versions": versions(),
+        "units": units, "layout": {"preset": layout.layout, **table},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    atomic_torch_save(qmodel.state_dict(), out_dir / "quantized_model.pt")
+    if logger is not None:
+        logger.log_metrics({"fp_top1": fp_top1, "quant_top1": quant_top1})
+        logger.finalize("success")
+    atomic_write_json(out_dir / "results.json", results)
+    log.info("wrote %s", out_dir / "results.json")
+    return results

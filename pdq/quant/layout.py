@@ -1,0 +1,84 @@
+"""Explicit per-layer bit layout (spec §1.4, §9).
+
+Presets:
+* `pdquant`: stem weights 8 bit, stem output at a_bits, FC weights 8 bit, FC input 8 bit, logits FP.
+* `brecq`:   as pdquant but the stem output is 8 bit and the stem is not reconstructed.
+Any preset value can be overridden (`stem_w_bits`, `stem_out_bits`, `fc_w_bits`, `fc_in_bits`), and
+single quantizers by name in `per_layer` (a layer name sets its weight bits, an activation quantizer
+name such as `layer1.0.aq` its activation bits)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from pdq.errors import PdqError
+from pdq.quant.graph import act_quant_names, quant_layer_names, stem_and_head
+from pdq.quant.quantizers import check_bits
+
+PRESETS: dict[str, dict] = {
+    "pdquant": {"stem_w_bits": 8, "stem_out_bits": None, "fc_w_bits": 8, "fc_in_bits": 8, "reconstruct_stem": True},
+    "brecq": {"stem_w_bits": 8, "stem_out_bits": 8, "fc_w_bits": 8, "fc_in_bits": 8, "reconstruct_stem": False},
+}
+
+
+@dataclass
+class BitLayout:
+    w_bits: int
+    a_bits: int
+    layout: str = "pdquant"
+    stem_w_bits: int | None = None
+    stem_out_bits: int | None = None
+    fc_w_bits: int | None = None
+    fc_in_bits: int | None = None
+    per_layer: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.layout not in PRESETS:
+            raise PdqError(f"quant.layout={self.layout!r} is unknown; accepted: {', '.join(PRESETS)}")
+        for key in ("w_bits", "a_bits", "stem_w_bits", "stem_out_bits", "fc_w_bits", "fc_in_bits"):
+            value = getattr(self, key)
+            if value is not None:
+                try:
+                    check_bits(value, f"quant.{key}")
+                except ValueError as e:
+                    raise PdqError(str(e)) from None
+        for name, value in dict(self.per_layer).items():
+            try:
+                check_bits(value, f"quant.per_layer.{name}")
+            except ValueError as e:
+                raise PdqError(str(e)) from None
+        preset = PRESETS[self.layout]
+        for key in ("stem_w_bits", "stem_out_bits", "fc_w_bits", "fc_in_bits"):
+            if getattr(self, key) is None:
+                setattr(self, key, preset[key] if preset[key] is not None else self.a_bits)
+        self.reconstruct_stem = preset["reconstruct_stem"]
+
+    def resolve(self, gm: fx.GraphModule) -> dict[str, dict[str, int]]:
+        """{'weights': {layer: bits}, 'acts': {quantizer: bits}} for every quantizer of `gm`."""
+        layers, acts = quant_layer_names(gm), act_quant_names(gm)
+        first, first_out, last, last_in = stem_and_head(gm)
+        weights = {name: self.w_bits for name in layers}
+        act_bits = {name: self.a_bits for name in acts}
+        weights[first], weights[last] = self.stem_w_bits, self.fc_w_bits
+        if first_out is not None:
+            act_bits[first_out] = self.stem_out_bits
+        if last_in is not None:
+            act_bits[last_in] = self.fc_in_bits
+        for name, bits in self.per_layer.items():
+            if name in weights:
+                weights[name] = bits
+            elif name in act_bits:
+                act_bits[name] = bits
+            else:
+                raise PdqError(f"quant.per_layer names {name!r}, which is no quantized layer or activation "
+                               f"quantizer of this model; accepted: {', '.join(layers + acts)}")
+        return {"weights": weights, "acts": act_bits}
+
+
+def apply_layout(gm: fx.GraphModule, table: dict[str, dict[str, int]]) -> None:
+    for name, bits in table["weights"].items():
+        gm.get_submodule(name).weight_quant.bits = bits
+    for name, bits in table["acts"].items():
+        gm.get_submodule(name).bits = bits

@@ -1,0 +1,124 @@
+"""Observers: statistics of a tensor -> (scale, zero point), per channel or per tensor.
+
+* `MinMaxObserver`: the tensor's range.
+* `LpObserver`: spec §1.2 grid search, mean |x - x_q|^p (p = 2.4): one-sided tensors a 1-D search over
+  100 clipping thresholds, two-sided ones the 2-D search over 100 ranges x every zero point.
+* `CosineObserver`: the same candidates scored by cosine distance 1 - cos(x, x_q).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pdq.quant.functional import MIN_SCALE, channel_view, qmax, qparams_from_range
+
+QParams = tuple[torch.Tensor, torch.Tensor]
+
+
+class Observer:
+    def __call__(self, x: torch.Tensor, bits: int, ch_axis: int | None = None) -> QParams:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+class MinMaxObserver(Observer):
+    @torch.no_grad()
+    def __call__(self, x, bits, ch_axis=None):
+        lo, hi = torch.aminmax(channel_view(x.detach().float(), ch_axis), dim=1)
+        return qparams_from_range(lo, hi, bits)
+
+
+class GridSearchObserver(Observer):
+    """Candidate grid of spec §1.2; subclasses define `score` (per channel, lower is better).
+
+    Candidate ranges always come from the full tensor. With `max_samples`, candidates are scored on a
+    seeded random subset of at most that many elements per channel (the official code scores all of
+    them on a GPU; on a CPU a 256-image activation tensor makes the 100 x 2^b grid take minutes)."""
+
+    def __init__(self, grid: int = 100, max_samples: int | None = None, seed: int = 0,
+                 chunk_elems: int = 2 ** 22):
+        self.grid, self.chunk_elems = int(grid), int(chunk_elems)
+        self.max_samples, self.seed = (int(max_samples) if max_samples else None), int(seed)
+
+    def _subsample(self, x: torch.Tensor) -> torch.Tensor:
+        if self.max_samples is None or x.shape[1] <= self.max_samples:
+            return x
+        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        idx = torch.randperm(x.shape[1], generator=g)[: self.max_samples].to(x.device)
+        return x[:, idx]
+
+    def score(self, x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+        """x: [C, K]; xq: [..., C, K] -> [..., C]."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def __call__(self, x, bits, ch_axis=None):
+        x = channel_view(x.detach().float(), ch_axis)
+        lo, hi = torch.aminmax(x, dim=1)
+        x = self._subsample(x)
+        q = qmax(bits)
+        if bool((lo >= 0).all()) or bool((hi <= 0).all()):
+            return self._search_1d(x, lo, hi, bits, positive=bool((lo >= 0).all()))
+        return self._search_2d(x, torch.clamp(hi, min=0) - torch.clamp(lo, max=0), q)
+
+    def _search_1d(self, x, lo, hi, bits, positive):
+        rng = torch.maximum(lo.abs(), hi.abs())
+        best = torch.full_like(rng, float("inf"))
+        best_scale = torch.clamp(rng / qmax(bits), min=MIN_SCALE)
+        zp = torch.zeros_like(rng) if positive else torch.full_like(rng, qmax(bits))
+        for i in range(1, self.grid + 1):
+            t = rng * i / self.grid
+            scale, _ = qparams_from_range(torch.zeros_like(t), t, bits)
+            xq = _fake_quant_cols(x, scale, zp, qmax(bits))
+            err = self.score(x, xq)
+            better = err < best
+            best = torch.where(better, err, best)
+            best_scale = torch.where(better, scale, best_scale)
+        return best_scale, zp
+
+    def _search_2d(self, x, rng, q):
+        c, k = x.shape
+        best = torch.full((c,), float("inf"), device=x.device)
+        best_scale = torch.clamp(rng / q, min=MIN_SCALE)
+        best_zp = torch.zeros(c, device=x.device)
+        zps = torch.arange(q + 1, device=x.device, dtype=x.dtype)
+        step = max(1, self.chunk_elems // max(1, x.numel()))
+        for i in range(1, self.grid + 1):
+            scale = torch.clamp(rng * i / self.grid / q, min=MIN_SCALE)  # candidate range [-z d, (q - z) d]
+            base = torch.round(x / scale[:, None])
+            for j in range(0, q + 1, step):
+                z = zps[j:j + step, None, None]
+                xq = (base + z).clamp_(0, q).sub_(z).mul_(scale[:, None])
+                err = self.score(x, xq)  # [nz, C]
+                e, arg = err.min(dim=0)
+                better = e < best
+                best = torch.where(better, e, best)
+                best_scale = torch.where(better, scale, best_scale)
+                best_zp = torch.where(better, zps[j:j + step][arg], best_zp)
+        return best_scale, best_zp
+
+
+def _fake_quant_cols(x, scale, zp, q):
+    return (torch.clamp(torch.round(x / scale[:, None]) + zp[:, None], 0, q) - zp[:, None]) * scale[:, None]
+
+
+class LpObserver(GridSearchObserver):
+    """Mean |x - x_q|^p per channel ("mse" in the official code, p = 2.4)."""
+
+    def __init__(self, p: float = 2.4, grid: int = 100, max_samples: int | None = None, seed: int = 0,
+                 chunk_elems: int = 2 ** 22):
+        super().__init__(grid, max_samples, seed, chunk_elems)
+        self.p = float(p)
+
+    def score(self, x, xq):
+        return xq.sub_(x).abs_().pow_(self.p).mean(dim=-1)  # xq is a scratch tensor
+
+
+class CosineObserver(GridSearchObserver):
+    """Cosine distance 1 - cos(x, x_q) per channel."""
+
+    def score(self, x, xq):
+        return 1 - torch.nn.functional.cosine_similarity(xq, x.expand_as(xq), dim=-1, eps=1e-12)

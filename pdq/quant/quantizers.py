@@ -1,0 +1,81 @@
+"""Fake-quant modules with observed (fixed) scale and zero point. Learned variants (LSQ scales,
+AdaRound) live in their own modules and replace these during reconstruction."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pdq.quant.functional import broadcast_to_channel, fake_quantize
+from pdq.quant.observers import Observer
+
+FP_BITS = 32
+
+
+def check_bits(bits: int, what: str = "bits") -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not (2 <= bits <= 8 or bits == FP_BITS):
+        raise ValueError(f"{what}={bits!r} is not supported; accepted: an integer 2..8, or 32 for full precision")
+    return bits
+
+
+class FakeQuantizer(nn.Module):
+    """Uniform affine fake quantization; `bits=32` or `enabled=False` passes the input through."""
+
+    def __init__(self, bits: int = 8, ch_axis: int | None = None, channels: int = 1):
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.ch_axis = ch_axis
+        n = channels if ch_axis is not None else 1
+        self.register_buffer("scale", torch.ones(n))
+        self.register_buffer("zero_point", torch.zeros(n))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.enabled = True
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.bits < FP_BITS
+
+    @torch.no_grad()
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        self.scale.copy_(scale.reshape(self.scale.shape))
+        self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
+        self.initialized.fill_(True)
+
+    def observe(self, x: torch.Tensor, observer: Observer) -> None:
+        if self.bits < FP_BITS:
+            self.set_qparams(*observer(x, self.bits, self.ch_axis))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return x
+        if not bool(self.initialized):
+            raise RuntimeError(f"{self!r} is used before calibration")
+        return fake_quantize(x, broadcast_to_channel(self.scale, x, self.ch_axis),
+                             broadcast_to_channel(self.zero_point, x, self.ch_axis), self.bits)
+
+    def extra_repr(self) -> str:
+        axis = "per-tensor" if self.ch_axis is None else f"per-channel(axis={self.ch_axis})"
+        return f"bits={self.bits}, {axis}, enabled={self.enabled}"
+
+
+class WeightQuantizer(FakeQuantizer):
+    """Per-output-channel weight quantizer."""
+
+    def __init__(self, bits: int, out_channels: int):
+        super().__init__(bits, ch_axis=0, channels=out_channels)
+
+
+class ActQuantizer(FakeQuantizer):
+    """Per-tensor activation quantizer. With `calibrate_with` set, the next forward first fits
+    scale/zero point to its input (so quantizers are initialised in forward order, each seeing the
+    already-quantized activations before it), then quantizes."""
+
+    def __init__(self, bits: int):
+        super().__init__(bits, ch_axis=None)
+        self.calibrate_with: Observer | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrate_with is not None and self.active:
+            self.observe(x, self.calibrate_with)
+            self.calibrate_with = None
+        return super().forward(x)

@@ -1,0 +1,28 @@
+"""pdq's one entry point: `python run.py [hydra overrides]` (see conf/config.yaml and the README)."""
+
+import logging
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("WANDB_MODE", "offline")
+log = logging.getLogger("pdq")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    from pdq.errors import PdqError
+    from pdq.pipeline import run
+
+    try:
+        return run(cfg)["quant_top1"]
+    except PdqError as e:
+        log.error("%s", e)
+        print(f"pdq: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Every option of every config group composes with the real conf/ and instantiates."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+from hydra.utils import instantiate
+from torch import nn
+
+from pdq.errors import PdqError
+from pdq.quant import BitLayout
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def test_default_config(make_cfg):
+    cfg = make_cfg()
+    assert (cfg.model.name, cfg.method.name, cfg.quant.w_bits, cfg.quant.a_bits) == ("resnet20_fmnist", "rtn_mse", 4, 4)
+    assert cfg.calib.size == 1024 and cfg.calib.batch_size == 32
+
+
+@pytest.mark.parametrize("name", options("model"))
+def test_model_configs(make_cfg, name):
+    overrides = [f"model={name}"] + (["model.name=resnet18"] if name == "torchvision" else [])
+    cfg = make_cfg(*overrides)
+    if name.endswith("_fmnist"):
+        assert isinstance(instantiate(cfg.model), nn.Module)
+    else:  # torchvision models refuse to quantize random weights
+        with pytest.raises(PdqError, match="needs trained weights"):
+            instantiate(cfg.model)
+        assert isinstance(instantiate(cfg.model, pretrained=False), nn.Module)
+
+
+@pytest.mark.parametrize("name", options("method"))
+def test_method_configs(make_cfg, name):
+    method = instantiate(make_cfg(f"method={name}").method)
+    assert method.name == name and callable(method.quantize)
+
+
+@pytest.mark.parametrize("name", options("quant"))
+def test_quant_presets(make_cfg, name):
+    layout = instantiate(make_cfg(f"quant={name}").quant, _convert_="all")
+    assert isinstance(layout, BitLayout)
+    assert name == f"w{layout.w_bits}a{layout.a_bits}"
+
+
+def test_data_configs(make_cfg, tmp_path):
+    dm = instantiate(make_cfg("data=fashion_mnist").data)
+    assert dm.train_size == 60000
+    (tmp_path / "train" / "c").mkdir(parents=True)
+    (tmp_path / "val" / "c").mkdir(parents=True)
+    dm = instantiate(make_cfg("data=imagenet", f"data.root={tmp_path}").data)
+    dm.prepare_data()  # folders exist: accepted
+
+
+@pytest.mark.parametrize("name", options("trainer"))
+def test_trainer_configs(make_cfg, name):
+    factory = instantiate(make_cfg(f"trainer={name}").trainer)
+    if name == "cpu":
+        assert isinstance(factory(max_steps=1, logger=False, enable_progress_bar=False), L.Trainer)
+    else:
+        assert callable(factory)
+
+
+@pytest.mark.parametrize("name", options("logger"))
+def test_logger_configs(make_cfg, name, tmp_path):
+    cfg = make_cfg(f"logger={name}")
+    logger = instantiate(cfg.logger) if cfg.logger else None
+    if name == "none":
+        assert logger is None
+    else:
+        logger.log_metrics({"x": 1.0})
+        logger.save()
+        assert any(tmp_path.rglob("metrics.csv"))
+
+
+@pytest.mark.parametrize("name", options("debug"))
+def test_debug_configs(make_cfg, name):
+    assert make_cfg(f"debug={name}").calib.size < 1024

@@ -1,0 +1,81 @@
+"""End to end: `python run.py` writes a valid results.json; W8A8 RTN stays near FP; determinism;
+every bad value of the contract's error list stops the run with one clear message and a non-zero exit."""
+
+import json
+
+import pytest
+import torch
+
+from pdq.pipeline import run
+from tests.conftest import run_cli
+
+RESULT_KEYS = {"model", "dataset", "method", "w_bits", "a_bits", "seed", "calib_size", "iters", "fp_top1",
+               "quant_top1", "wall_s", "versions", "units"}
+
+
+def test_cli_small_run_writes_results(tmp_path):
+    proc = run_cli("debug=fast", "method=rtn_minmax", "quant=w4a4", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert RESULT_KEYS <= res.keys()
+    assert (res["model"], res["dataset"], res["method"]) == ("resnet20_fmnist", "fashion_mnist", "rtn_minmax")
+    assert (res["w_bits"], res["a_bits"], res["seed"], res["calib_size"], res["iters"]) == (4, 4, 1005, 256, 0)
+    assert res["fp_top1"] > 85 and 10 < res["quant_top1"] <= 100
+    assert set(res["versions"]) == {"pdq", "torch", "torchvision", "lightning"}
+    assert res["units"] == []
+    assert (tmp_path / "csv" / "metrics.csv").exists() and (tmp_path / "quantized_model.pt").exists()
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+@pytest.mark.parametrize("model", ["resnet20_fmnist", "mobilenetv2_fmnist"])
+def test_w8a8_rtn_within_one_point_of_fp(make_cfg, model):
+    res = run(make_cfg(f"model={model}", "method=rtn_minmax", "quant=w8a8", "calib.size=256", "logger=none"))
+    assert res["fp_top1"] - res["quant_top1"] <= 1.0, res
+
+
+def test_same_seed_same_result(make_cfg, tmp_path):
+    overrides = ["method=rtn_mse", "quant=w3a3", "calib.size=128", "calib.act_init_size=64",
+                 "data.eval_subset=500", "logger=none"]
+    a = run(make_cfg(*overrides, f"paths.output_dir={tmp_path / 'a'}"))
+    b = run(make_cfg(*overrides, f"paths.output_dir={tmp_path / 'b'}"))
+    c = run(make_cfg(*overrides, "seed=7", f"paths.output_dir={tmp_path / 'c'}"))
+    sa, sb, sc = (torch.load(tmp_path / d / "quantized_model.pt") for d in "abc")
+    assert a["quant_top1"] == b["quant_top1"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)  # another seed draws other calibration images
+
+
+@pytest.fixture(scope="module")
+def corrupt_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "broken.pt"
+    path.write_bytes(b"\x80\x04 definitely not a checkpoint")
+    return path
+
+
+BAD_VALUES = [
+    (["model=nope"], "Could not find 'model/nope'", "resnet20_fmnist"),
+    (["method=nope"], "Could not find 'method/nope'", "rtn_mse"),
+    (["quant=w9a9"], "Could not find 'quant/w9a9'", "w4a4"),
+    (["quant.w_bits=9"], "quant.w_bits=9 is not supported", "accepted: an integer 2..8, or 32"),
+    (["quant.a_bits=1"], "quant.a_bits=1 is not supported", "accepted: an integer 2..8, or 32"),
+    (["quant.layout=tflite"], "quant.layout='tflite' is unknown", "accepted: pdquant, brecq"),
+    (["data=imagenet", "data.root=/nonexistent/imagenet"], "data.root='/nonexistent/imagenet' has no 'train/'",
+     "train/ and val/"),
+    (["calib.size=100000"], "calib.size=100000 is larger than the training split", "accepted: 1..60000"),
+    (["calib.size=0"], "calib.size=0 is not accepted", "a positive integer"),
+    (["model.checkpoint=/nonexistent.pt"], "model.checkpoint='/nonexistent.pt' does not exist", "accepted"),
+    (["model.checkpoint={corrupt}"], "is corrupt or not a PyTorch checkpoint", "broken.pt"),
+    (["model=resnet18"], "model=resnet18 needs trained weights", "model.checkpoint=PATH"),
+]
+
+
+@pytest.mark.parametrize("overrides,message,accepted", BAD_VALUES, ids=[" ".join(b[0]) for b in BAD_VALUES])
+def test_bad_values_fail_fast_with_clear_message(overrides, message, accepted, corrupt_ckpt, tmp_path):
+    args = [o.format(corrupt=corrupt_ckpt) for o in overrides]
+    proc = run_cli(*args, f"hydra.run.dir={tmp_path}", timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert message in out and accepted in out, out[-3000:]
+    assert "Traceback" not in out
+    assert not (tmp_path / "results.json").exists()
+    assert "FP top-1" not in out  # stopped before any evaluation
