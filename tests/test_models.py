@@ -8,8 +8,8 @@ from pdq.data import FashionMNISTDataModule
 from pdq.errors import PdqError
 from pdq.evaluate import evaluate
 from pdq.models import build_model
-from pdq.models.registry import CHECKPOINT_DIR, load_state_dict
 from pdq.models.fmnist import resnet20_fmnist
+from pdq.models.registry import CHECKPOINT_DIR, load_state_dict
 
 TARGETS = {"resnet20_fmnist": 92.0, "mobilenetv2_fmnist": 91.0}
 

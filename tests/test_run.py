@@ -38,7 +38,7 @@ def test_same_seed_same_result(make_cfg, tmp_path):
                  "data.eval_subset=500", "logger=none"]
     a = run(make_cfg(*overrides, f"paths.output_dir={tmp_path / 'a'}"))
     b = run(make_cfg(*overrides, f"paths.output_dir={tmp_path / 'b'}"))
-    c = run(make_cfg(*overrides, "seed=7", f"paths.output_dir={tmp_path / 'c'}"))
+    run(make_cfg(*overrides, "seed=7", f"paths.output_dir={tmp_path / 'c'}"))
     sa, sb, sc = (torch.load(tmp_path / d / "quantized_model.pt") for d in "abc")
     assert a["quant_top1"] == b["quant_top1"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)

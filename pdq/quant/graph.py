@@ -108,7 +108,7 @@ def quantize_model(model: nn.Module, bits: int = 8) -> fx.GraphModule:
         gm.add_submodule(name, ActQuantizer(bits))
         with gm.graph.inserting_after(point):
             q = gm.graph.call_module(name, (point,))
-        point.replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
+        point.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
     gm.graph.lint()
     gm.recompile()
     if not quant_layer_names(gm):

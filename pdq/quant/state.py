@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import fx
+from tqdm.auto import tqdm
 
 from pdq.quant.graph import act_quant_names, quant_layer_names
 from pdq.quant.observers import Observer
@@ -26,7 +27,7 @@ def set_quant_state(gm: fx.GraphModule, weight: bool = True, act: bool = True) -
 
 
 def calibrate_weights(gm: fx.GraphModule, observer: Observer) -> None:
-    for name in quant_layer_names(gm):
+    for name in tqdm(quant_layer_names(gm), desc="weight scales", leave=False, dynamic_ncols=True):
         layer = gm.get_submodule(name)
         layer.weight_quant.observe(layer.weight, observer)
 

@@ -1,0 +1,65 @@
+"""Runnable pieces of a quantized graph. They share the graph's modules (so what a piece learns, the
+whole model has) but not its code:
+
+* `prefix(gm, node)`: graph input -> value of `node` (e.g. a unit's input, for caching);
+* `segment(gm, unit)`: unit input -> unit output (one reconstruction step's forward);
+* `suffix(gm, node)`: value of `node` -> network output (the rest of the network, for PD-Quant).
+Every piece keeps the original node names and meta."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import fx
+
+from pdq.recon.units import Unit
+
+
+def _build(gm: fx.GraphModule, nodes: Iterable[fx.Node], inputs: list[fx.Node], output: fx.Node,
+           name: str) -> fx.GraphModule:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, node in enumerate(inputs):
+        env[node] = graph.placeholder(f"input_{i}" if node.op != "placeholder" else node.name)
+        env[node].meta = dict(node.meta)
+    for node in nodes:
+        if node not in env:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(env[output])
+    return fx.GraphModule(gm, graph, class_name=name)
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, todo = {node}, [node]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
+def prefix(gm: fx.GraphModule, node: fx.Node) -> fx.GraphModule:
+    needed = _ancestors(node)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    body = [n for n in gm.graph.nodes if n in needed and n.op != "placeholder"]
+    return _build(gm, body, placeholders, node, "Prefix")
+
+
+def segment(gm: fx.GraphModule, unit: Unit) -> fx.GraphModule:
+    return _build(gm, unit.nodes, [unit.input], unit.output, "Unit")
+
+
+def suffix(gm: fx.GraphModule, node: fx.Node) -> fx.GraphModule:
+    """Network output as a function of `node` alone; every path from the input must pass through it."""
+    nodes = list(gm.graph.nodes)
+    after = nodes[nodes.index(node) + 1:]
+    output = next(n for n in after if n.op == "output").args[0]
+    needed = _ancestors(output)
+    body = [n for n in after if n in needed and n.op != "output"]
+    for n in body:
+        for a in n.all_input_nodes:
+            if a is not node and a not in body:
+                raise ValueError(f"the rest of the network after {node.name} also reads {a.name}: "
+                                 f"{node.name} is not a cut point of the graph")
+    return _build(gm, body, [node], output, "Suffix")

@@ -1,0 +1,76 @@
+import pytest
+import torchvision
+from torch import nn
+
+from pdq.errors import PdqError
+from pdq.models.fmnist import mobilenetv2_fmnist, resnet20_fmnist
+from pdq.quant import act_quant_names, quant_layer_names, quantize_model
+from pdq.recon import find_units
+
+# spec §2.3: torchvision ResNet-18 10, ResNet-50 18, MobileNetV2 20, RegNetX-600MF 18, RegNetX-3.2GF 27,
+# MNasNet 21 (3 stem layers, 16 inverted residuals, 1x1 conv, classifier)
+COUNTS = [
+    ("resnet18", 10), ("resnet50", 18), ("mobilenet_v2", 20), ("regnet_x_400mf", 2 + 22),
+    ("regnet_x_3_2gf", 27), ("mnasnet1_0", 21),
+]
+
+
+@pytest.mark.parametrize("name,count", COUNTS)
+def test_torchvision_unit_counts(name, count):
+    qm = quantize_model(torchvision.models.get_model(name))
+    units = find_units(qm, "block")
+    assert len(units) == count
+    layer_units = find_units(qm, "layer")
+    assert [u.name for u in layer_units] == quant_layer_names(qm)
+    # every quantized layer belongs to exactly one block-pattern unit
+    layers = [layer for u in units for layer in u.layers(qm)]
+    assert sorted(layers) == sorted(quant_layer_names(qm))
+
+
+def test_reference_model_units():
+    qm = quantize_model(resnet20_fmnist())
+    units = find_units(qm)
+    assert [u.name for u in units] == ["conv1"] + [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)] + ["fc"]
+    assert units[1].kind == "block" and units[0].kind == "layer"
+    assert units[1].act_quants(qm) == ["layer1.0.conv1.aq", "layer1.0.aq"]
+    assert units[0].act_quants(qm) == ["conv1.aq"] and units[0].output.target == "conv1.aq"
+    assert units[1].input is units[0].output and units[2].input is units[1].output
+    assert units[4].layers(qm) == ["layer2.0.conv1", "layer2.0.conv2", "layer2.0.downsample.0"]
+    mq = quantize_model(mobilenetv2_fmnist())
+    assert len(find_units(mq)) == 12
+    covered = {q for u in find_units(mq) for q in u.act_quants(mq)}
+    assert covered == set(act_quant_names(mq))
+
+
+class MyBlock(nn.Module):
+    """A residual block type unknown to the registry."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(x + self.b(self.act(self.a(x))))
+
+
+class MyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3)
+        self.blocks = nn.Sequential(MyBlock(8), MyBlock(8))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x).relu())
+        return self.head(x.mean((2, 3)))
+
+
+def test_fallback_groups_unknown_residual_blocks():
+    qm = quantize_model(MyNet())
+    units = find_units(qm)
+    assert [(u.name, u.kind) for u in units] == [("stem", "layer"), ("blocks.0", "block"), ("blocks.1", "block"),
+                                                 ("head", "layer")]
+    assert units[1].layers(qm) == ["blocks.0.a", "blocks.0.b"]
+    with pytest.raises(PdqError, match="pattern='stage' is unknown; accepted: block, layer"):
+        find_units(qm, "stage")
