@@ -10,19 +10,21 @@ from pathlib import Path
 import lightning as L
 import torch
 import torchvision
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import pdq
-from pdq.errors import PdqError
+from pdq.context import RunContext
+from pdq.errors import PdqError, instantiate
 from pdq.evaluate import evaluate
 from pdq.io import atomic_torch_save, atomic_write_json
-from pdq.methods.rtn import QuantContext
 from pdq.models import check_model_name
 from pdq.quant import apply_layout, quantize_model
 from pdq.quant.layout import BitLayout
+from pdq.recon.engine import STATE_FILE
 
 log = logging.getLogger("pdq")
+for noisy in ("lightning.pytorch", "lightning.fabric"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def validate(cfg: DictConfig) -> BitLayout:
@@ -37,6 +39,9 @@ def validate(cfg: DictConfig) -> BitLayout:
             raise PdqError(f"calib.{key}={value!r} is not accepted; accepted: a positive integer")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise PdqError(f"seed={cfg.seed!r} is not accepted; accepted: an integer")
+    if cfg.get("resume") and not (Path(cfg.resume).expanduser() / STATE_FILE).is_file():
+        raise PdqError(f"resume={cfg.resume!r} holds no {STATE_FILE}; accepted: the run dir of an interrupted "
+                       f"reconstruction run")
     layout = instantiate(cfg.quant, _convert_="all")
     accelerator = cfg.trainer.get("accelerator", "cpu")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -56,10 +61,31 @@ def versions() -> dict[str, str]:
             "lightning": version("lightning")}
 
 
+def fingerprint(cfg: DictConfig) -> dict:
+    """The settings a resumed run must share with the interrupted one."""
+    keep = ("model", "data", "method", "quant", "calib", "seed")
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(keep)), resolve=True)
+
+
+def load_resume_state(cfg: DictConfig) -> tuple[Path, dict | None]:
+    """(output dir, saved state or None). A resumed run writes into the interrupted run's dir."""
+    if not cfg.get("resume"):
+        return Path(cfg.paths.output_dir), None
+    run_dir = Path(cfg.resume).expanduser()
+    state = torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=False)
+    saved, now = state.get("fingerprint"), fingerprint(cfg)
+    if saved != now:
+        diff = sorted(k for k in now if (saved or {}).get(k) != now[k])
+        raise PdqError(f"resume={cfg.resume!r} was made with other settings ({', '.join(diff)} differ); "
+                       f"resume with the interrupted run's overrides")
+    log.info("resuming %s after %d finished units", run_dir, len(state["units"]))
+    return run_dir, state
+
+
 def run(cfg: DictConfig) -> dict:
     t0 = time.time()
     layout = validate(cfg)
-    out_dir = Path(cfg.paths.output_dir)
+    out_dir, resume_state = load_resume_state(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.use_deterministic_algorithms(bool(cfg.trainer.get("deterministic", True)), warn_only=True)
     device = resolve_device(cfg)
@@ -73,7 +99,31 @@ def run(cfg: DictConfig) -> dict:
     model = instantiate(cfg.model).to(device)
     method = instantiate(cfg.method)
     logger = instantiate(cfg.logger) if cfg.get("logger") else None
+    try:
+        results = quantize_and_evaluate(cfg, layout, datamodule, model, method, logger, device, out_dir,
+                                        resume_state)
+    except BaseException:
+        close_logger(logger, ok=False)
+        raise
+    results["wall_s"] = round(time.time() - t0, 2)
+    close_logger(logger, ok=True)
+    atomic_write_json(out_dir / "results.json", results)
+    log.info("wrote %s", out_dir / "results.json")
+    return results
 
+
+def close_logger(logger, ok: bool) -> None:
+    """Finish the run's logger; a W&B run is always finished, so each multirun job is its own run."""
+    if logger is None:
+        return
+    logger.finalize("success" if ok else "failed")
+    if type(logger).__name__ == "WandbLogger":
+        import wandb
+
+        wandb.finish(exit_code=0 if ok else 1)
+
+
+def quantize_and_evaluate(cfg, layout, datamodule, model, method, logger, device, out_dir, resume_state) -> dict:
     log.info("model=%s data=%s method=%s W%dA%d layout=%s seed=%d device=%s", cfg.model.name,
              datamodule.name, method.name, layout.w_bits, layout.a_bits, layout.layout, cfg.seed, device)
     test_loader = datamodule.test_dataloader()
@@ -84,8 +134,10 @@ def run(cfg: DictConfig) -> dict:
     qmodel = quantize_model(model).to(device)
     table = layout.resolve(qmodel)
     apply_layout(qmodel, table)
-    ctx = QuantContext(device=device, batch_size=cfg.calib.batch_size, act_init_size=cfg.calib.act_init_size,
-                       seed=cfg.seed)
+    ctx = RunContext(device=device, seed=cfg.seed, batch_size=cfg.calib.batch_size,
+                     act_init_size=cfg.calib.act_init_size, trainer=instantiate(cfg.trainer), logger=logger,
+                     out_dir=out_dir, resume_state=resume_state, reconstruct_stem=layout.reconstruct_stem,
+                     fingerprint=fingerprint(cfg))
     t_q = time.time()
     units = method.quantize(qmodel, calib, ctx)
     quant_seconds = time.time() - t_q
@@ -96,14 +148,11 @@ def run(cfg: DictConfig) -> dict:
         "model": cfg.model.name, "dataset": datamodule.name, "method": method.name,
         "w_bits": layout.w_bits, "a_bits": layout.a_bits, "seed": cfg.seed, "calib_size": cfg.calib.size,
         "iters": int(getattr(method, "iters", 0)), "fp_top1": round(fp_top1, 4), "quant_top1": round(quant_top1, 4),
-        "wall_s": round(time.time() - t0, 2), "quant_s": round(quant_seconds, 2), "versions": versions(),
+        "quant_s": round(quant_seconds, 2), "versions": versions(),
         "units": units, "layout": {"preset": layout.layout, **table},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     atomic_torch_save(qmodel.state_dict(), out_dir / "quantized_model.pt")
     if logger is not None:
-        logger.log_metrics({"fp_top1": fp_top1, "quant_top1": quant_top1})
-        logger.finalize("success")
-    atomic_write_json(out_dir / "results.json", results)
-    log.info("wrote %s", out_dir / "results.json")
+        logger.log_metrics({"fp_top1": fp_top1, "quant_top1": quant_top1}, step=sum(u["iters"] for u in units))
     return results

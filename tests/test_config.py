@@ -4,10 +4,10 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-from hydra.utils import instantiate
 from torch import nn
 
-from pdq.errors import PdqError
+from pdq.errors import PdqError, instantiate
+from pdq.pipeline import close_logger
 from pdq.quant import BitLayout
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -72,10 +72,15 @@ def test_logger_configs(make_cfg, name, tmp_path):
     logger = instantiate(cfg.logger) if cfg.logger else None
     if name == "none":
         assert logger is None
-    else:
-        logger.log_metrics({"x": 1.0})
-        logger.save()
+        return
+    logger.log_metrics({"x": 1.0}, step=1)
+    close_logger(logger, ok=True)
+    if name == "csv":
         assert any(tmp_path.rglob("metrics.csv"))
+    else:  # wandb: offline, its run dir lands in the run's output dir
+        runs = list((tmp_path / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+        assert logger.experiment.name == "resnet20_fmnist_rtn_mse_w4a4_s1005"
 
 
 @pytest.mark.parametrize("name", options("debug"))

@@ -92,9 +92,10 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
 
 
 def build_model(name: str, checkpoint: str | None = None, weights: str | None = None,
-                pretrained: bool = True, num_classes: int | None = None) -> nn.Module:
+                pretrained: bool = True, num_classes: int | None = None, ptq: dict | None = None) -> nn.Module:
     """Build model `name` in eval mode. Embedded models load their bundled checkpoint unless
-    `checkpoint=` is given; torchvision models need `weights=` (enum name) or `checkpoint=`."""
+    `checkpoint=` is given; torchvision models need `weights=` (enum name) or `checkpoint=`.
+    `ptq` holds the model's PTQ settings for the method configs; it does not change the model."""
     check_model_name(name)
     kwargs = {"num_classes": num_classes} if num_classes else {}
     if name in EMBEDDED or name in REGISTRY:

@@ -66,16 +66,40 @@ class WeightQuantizer(FakeQuantizer):
 
 
 class ActQuantizer(FakeQuantizer):
-    """Per-tensor activation quantizer. With `calibrate_with` set, the next forward first fits
-    scale/zero point to its input (so quantizers are initialised in forward order, each seeing the
-    already-quantized activations before it), then quantizes."""
+    """Per-tensor activation quantizer.
+
+    * With `calibrate_with` set, the next forward first fits scale/zero point to its input (so
+      quantizers are initialised in forward order, each seeing the already-quantized activations
+      before it), then quantizes.
+    * `learn_scale()` turns the scale into a trainable parameter (LSQ-style, no gradient scaling;
+      the zero point stays fixed); `freeze_scale()` turns it back into a buffer.
+    * QDrop: with `drop_prob < 1`, each element is quantized with probability `drop_prob` and left in
+      full precision otherwise, drawn from `generator` at every forward."""
 
     def __init__(self, bits: int):
         super().__init__(bits, ch_axis=None)
         self.calibrate_with: Observer | None = None
+        self.drop_prob = 1.0
+        self.generator: torch.Generator | None = None
+
+    def learn_scale(self) -> nn.Parameter:
+        value = self.scale.detach().clone()
+        del self.scale
+        self.scale = nn.Parameter(value)
+        return self.scale
+
+    def freeze_scale(self) -> None:
+        if isinstance(self.scale, nn.Parameter):
+            value = self.scale.detach().clone()
+            del self.scale
+            self.register_buffer("scale", value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrate_with is not None and self.active:
             self.observe(x, self.calibrate_with)
             self.calibrate_with = None
-        return super().forward(x)
+        xq = super().forward(x)
+        if self.drop_prob >= 1.0 or not self.active:
+            return xq
+        keep = torch.rand(x.shape, generator=self.generator, device=x.device) < self.drop_prob
+        return torch.where(keep, xq, x)

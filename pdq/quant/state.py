@@ -1,12 +1,14 @@
-"""State switches over a quantized model, and observer-based calibration."""
+"""State switches over a quantized model (or any piece of it), and observer-based calibration."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
-from torch import fx
+from torch import fx, nn
 from tqdm.auto import tqdm
 
-from pdq.quant.graph import act_quant_names, quant_layer_names
+from pdq.quant.graph import quant_layer_names
 from pdq.quant.observers import Observer
 from pdq.quant.quantizers import ActQuantizer, FakeQuantizer
 
@@ -15,8 +17,9 @@ def weight_quantizers(gm: fx.GraphModule) -> list[FakeQuantizer]:
     return [gm.get_submodule(n).weight_quant for n in quant_layer_names(gm)]
 
 
-def act_quantizers(gm: fx.GraphModule) -> list[ActQuantizer]:
-    return [gm.get_submodule(n) for n in act_quant_names(gm)]
+def act_quantizers(module: nn.Module) -> list[ActQuantizer]:
+    """Activation quantizers of `module` (a whole quantized model or a piece of it)."""
+    return [m for m in module.modules() if isinstance(m, ActQuantizer)]
 
 
 def set_quant_state(gm: fx.GraphModule, weight: bool = True, act: bool = True) -> None:
@@ -26,6 +29,19 @@ def set_quant_state(gm: fx.GraphModule, weight: bool = True, act: bool = True) -
         q.enabled = act
 
 
+@contextlib.contextmanager
+def full_precision(module: nn.Module):
+    """Every quantizer of `module` off inside the block; the previous switches are restored after."""
+    saved = [(q, q.enabled) for q in module.modules() if isinstance(q, FakeQuantizer)]
+    for q, _ in saved:
+        q.enabled = False
+    try:
+        yield
+    finally:
+        for q, enabled in saved:
+            q.enabled = enabled
+
+
 def calibrate_weights(gm: fx.GraphModule, observer: Observer) -> None:
     for name in tqdm(quant_layer_names(gm), desc="weight scales", leave=False, dynamic_ncols=True):
         layer = gm.get_submodule(name)
@@ -33,14 +49,18 @@ def calibrate_weights(gm: fx.GraphModule, observer: Observer) -> None:
 
 
 @torch.no_grad()
-def calibrate_activations(gm: fx.GraphModule, x: torch.Tensor, observer: Observer) -> None:
-    """One forward of `x` (one batch, e.g. 256 calibration images) with weights quantized: each
-    activation quantizer fits itself to its input in forward order, then quantizes it."""
-    set_quant_state(gm, weight=True, act=True)
-    for q in act_quantizers(gm):
+def calibrate_activations(module: nn.Module, x: torch.Tensor, observer: Observer,
+                          only_uninitialized: bool = False) -> None:
+    """One forward of `x` (one batch, e.g. 256 calibration images): each enabled activation quantizer
+    (or each one not calibrated yet) fits itself to its input in forward order, then quantizes it."""
+    pending = [q for q in act_quantizers(module)
+               if q.active and not (only_uninitialized and bool(q.initialized))]
+    if not pending:
+        return
+    for q in pending:
         q.calibrate_with = observer
     try:
-        gm(x)
+        module(x)
     finally:
-        for q in act_quantizers(gm):
+        for q in pending:
             q.calibrate_with = None

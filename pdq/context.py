@@ -1,0 +1,34 @@
+"""What every quantization method gets besides the model and the calibration images."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+@dataclass
+class RunContext:
+    device: torch.device
+    seed: int = 0
+    batch_size: int = 32              # reconstruction and caching batch
+    act_init_size: int = 256          # images that initialise activation quantizers
+    trainer: Callable[..., L.Trainer] | None = None   # partial Trainer (conf/trainer)
+    logger: object | None = None      # Lightning logger shared by every unit's fit
+    out_dir: Path | None = None       # where the per-unit state is saved
+    resume_state: dict | None = None  # a saved state to continue from
+    cache_dtype: torch.dtype = torch.float32
+    log_every: int = 50
+    reconstruct_stem: bool = True     # the `brecq` layout leaves the first unit as it is
+    fingerprint: dict | None = None   # what a resumed run must share with the saved one
+
+
+def stream_seed(seed: int, *keys: int) -> int:
+    """A reproducible 63-bit seed for (seed, phase, unit, stream): no hash(), which varies per process."""
+    value = int(seed) & 0xFFFFFFFF
+    for k in keys:
+        value = (value * 1_000_003 + int(k) + 1) % (2 ** 63 - 1)
+    return value

@@ -1,0 +1,70 @@
+"""AdaRound learned rounding (spec §1.5): W~ = s * (clamp(floor(W/s) + h(V) + z, 0, 2^b - 1) - z),
+h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1), V initialised so that h(V) = frac(W/s)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pdq.quant.functional import broadcast_to_channel, qmax
+from pdq.quant.quantizers import WeightQuantizer
+
+ZETA, GAMMA = 1.1, -0.1
+
+
+class AdaRoundQuantizer(nn.Module):
+    """Replaces a layer's (calibrated) `WeightQuantizer` while its unit is reconstructed. `soft=True`
+    uses h(V); after `harden()` rounding is floor(W/s) + 1[V >= 0]."""
+
+    def __init__(self, base: WeightQuantizer, weight: torch.Tensor):
+        super().__init__()
+        if not bool(base.initialized):
+            raise RuntimeError("AdaRound needs a calibrated weight quantizer")
+        self.bits, self.ch_axis = base.bits, base.ch_axis
+        self.register_buffer("scale", broadcast_to_channel(base.scale.detach().clone(), weight, base.ch_axis))
+        self.register_buffer("zero_point", broadcast_to_channel(base.zero_point.detach().clone(), weight,
+                                                                base.ch_axis))
+        w = weight.detach()
+        frac = w / self.scale - torch.floor(w / self.scale)
+        self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1))
+        self.soft = True
+
+    def h(self) -> torch.Tensor:
+        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def rounding(self) -> torch.Tensor:
+        return self.h() if self.soft else (self.alpha >= 0).to(self.alpha.dtype)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        q = torch.clamp(torch.floor(w / self.scale) + self.rounding() + self.zero_point, 0, qmax(self.bits))
+        return (q - self.zero_point) * self.scale
+
+    def round_loss(self, beta: float) -> torch.Tensor:
+        """f_reg = sum(1 - |2 h(V) - 1|^beta)."""
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+    def harden(self) -> None:
+        self.soft = False
+
+
+class LinearTempDecay:
+    """beta schedule: rounding loss off for t < warmup * T, then beta decays linearly start -> end."""
+
+    def __init__(self, t_max: int, warmup: float = 0.2, start_b: float = 20.0, end_b: float = 2.0):
+        self.t_max, self.start_decay = t_max, warmup * t_max
+        self.start_b, self.end_b = start_b, end_b
+
+    def active(self, t: int) -> bool:
+        return t >= self.start_decay
+
+    def __call__(self, t: int) -> float:
+        if t < self.start_decay:
+            return self.start_b
+        rel = (t - self.start_decay) / max(self.t_max - self.start_decay, 1)
+        return self.end_b + (self.start_b - self.end_b) * max(0.0, 1 - rel)
+
+
+def is_valid_init(q: AdaRoundQuantizer) -> bool:
+    return math.isfinite(float(q.alpha.detach().abs().max()))

@@ -1,0 +1,162 @@
+"""The sequential reconstruction loop. A method is a list of `Phase`s; each phase visits the units in
+order and, for each unit:
+
+1. caches its inputs on the quantized path (earlier units quantized and hardened) and on the FP path,
+   and its FP output, for the whole calibration set on the compute device;
+2. initialises its activation quantizers from the first `act_init_size` quantized-path inputs;
+3. fits a `UnitReconstruction` (AdaRound variables and/or LSQ activation scales) with a Lightning
+   Trainer for `iters` steps, batches and masks drawn from a generator seeded by (seed, phase, unit);
+4. hardens the rounding into the weights, freezes the scales, releases the caches, and saves the
+   model state atomically so that an interrupted run resumes at the next unit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from pdq.context import RunContext, stream_seed
+from pdq.io import atomic_torch_save
+from pdq.quant.adaround import AdaRoundQuantizer
+from pdq.quant.observers import Observer
+from pdq.quant.state import act_quantizers, calibrate_activations, full_precision
+from pdq.recon.module import Caches, UnitProgress, UnitReconstruction, loader
+from pdq.recon.subgraph import prefix, segment
+from pdq.recon.units import Unit, find_units
+
+log = logging.getLogger("pdq")
+# units are fitted in eval mode on purpose (BN is folded; nothing else behaves differently in training)
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+for _msg in (r".*does not have many workers.*", r".*`IterableDataset` has `__len__` defined.*",
+             r".*smaller than the logging interval.*", r".*isinstance\(treespec, LeafSpec\).*"):
+    warnings.filterwarnings("ignore", message=_msg)
+STATE_FILE = "recon_state.pt"
+
+
+@dataclass
+class Phase:
+    """Switches and loss weights of one pass over the units."""
+    pattern: str = "block"            # block | layer
+    iters: int = 20000
+    learn_rounding: bool = True       # AdaRound variables
+    learn_act_scale: bool = True      # LSQ activation scales
+    act_quant: bool = True            # activation quantization on while reconstructing
+    drop_prob: float = 1.0            # QDrop: probability an activation element is quantized (1 = always)
+    input_prob: float = 1.0           # probability a unit-input element comes from the quantized path
+    rec_p: float = 2.0                # reconstruction loss exponent
+    round_lr: float = 1e-3
+    scale_lr: float = 4e-5
+    round_weight: float = 0.01
+    warmup: float = 0.2
+    b_range: tuple[float, float] = (20.0, 2.0)
+
+
+@torch.no_grad()
+def _run_batched(module: torch.nn.Module, x: torch.Tensor, batch_size: int, device, dtype) -> torch.Tensor:
+    return torch.cat([module(x[i:i + batch_size].to(device)).to(dtype) for i in range(0, len(x), batch_size)])
+
+
+class ReconstructionEngine:
+    def __init__(self, gm: fx.GraphModule, calib: torch.Tensor, ctx: RunContext, act_observer: Observer):
+        self.gm, self.calib, self.ctx, self.act_observer = gm, calib, ctx, act_observer
+        self.summaries: list[dict] = list((ctx.resume_state or {}).get("units", []))
+        self.done: set[tuple[int, int]] = {(s["phase"], s["index"]) for s in self.summaries}
+        self.step_offset = sum(s["iters"] for s in self.summaries)
+
+    def run(self, phases: list[Phase]) -> list[dict]:
+        for p, phase in enumerate(phases):
+            units = find_units(self.gm, phase.pattern)
+            for q in act_quantizers(self.gm):
+                q.enabled = phase.act_quant
+            for i, unit in enumerate(units):
+                if (p, i) in self.done or (i == 0 and not self.ctx.reconstruct_stem):
+                    continue
+                self.summaries.append(self.reconstruct(p, i, len(units), unit, phase))
+                self.save(p, i)
+        return self.summaries
+
+    def caches(self, unit: Unit, phase: Phase) -> Caches:
+        ctx, gm = self.ctx, self.gm
+        pre = prefix(gm, unit.input)
+        x_q = x_fp = None
+        if phase.input_prob > 0:
+            if phase.act_quant:
+                calibrate_activations(pre, self.calib[: ctx.act_init_size].to(ctx.device), self.act_observer,
+                                      only_uninitialized=True)
+            x_q = _run_batched(pre, self.calib, ctx.batch_size, ctx.device, ctx.cache_dtype)
+        with full_precision(gm):
+            x_fp_full = _run_batched(pre, self.calib, ctx.batch_size, ctx.device, ctx.cache_dtype)
+            y_fp = _run_batched(segment(gm, unit), x_fp_full, ctx.batch_size, ctx.device, ctx.cache_dtype)
+        if phase.input_prob < 1:
+            x_fp = x_fp_full
+        return Caches(x_q, x_fp, y_fp)
+
+    def reconstruct(self, p: int, i: int, n_units: int, unit: Unit, phase: Phase) -> dict:
+        ctx, gm = self.ctx, self.gm
+        t0 = time.time()
+        caches = self.caches(unit, phase)
+        t_cache = time.time()
+        seg = segment(gm, unit)
+        acts = [gm.get_submodule(n) for n in unit.act_quants(gm)]
+        if phase.act_quant:
+            x_init = (caches.x_q if caches.x_q is not None else caches.x_fp)[: ctx.act_init_size]
+            calibrate_activations(seg, x_init.float(), self.act_observer, only_uninitialized=True)
+        t_init = time.time()
+
+        layers = [gm.get_submodule(n) for n in unit.layers(gm)]
+        base_quantizers = [layer.weight_quant for layer in layers]
+        adarounds = []
+        if phase.learn_rounding:
+            for layer in layers:
+                if layer.weight_quant.active:
+                    layer.weight_quant = AdaRoundQuantizer(layer.weight_quant, layer.weight)
+                    adarounds.append(layer.weight_quant)
+        scales = [q.learn_scale() for q in acts if q.active] if (phase.learn_act_scale and phase.act_quant) else []
+        gen = torch.Generator().manual_seed(stream_seed(ctx.seed, p, i, 0))
+        mask_gen = torch.Generator(device=ctx.device).manual_seed(stream_seed(ctx.seed, p, i, 1))
+        for q in acts:
+            q.drop_prob, q.generator = phase.drop_prob, mask_gen
+        prefix_name = f"p{p}_u{i:02d}_{unit.name}" if p else f"u{i:02d}_{unit.name}"
+        module = UnitReconstruction(
+            seg, caches, iters=phase.iters, input_prob=phase.input_prob, rec_p=phase.rec_p, adarounds=adarounds,
+            scales=scales, round_lr=phase.round_lr, scale_lr=phase.scale_lr, round_weight=phase.round_weight,
+            warmup=phase.warmup, b_range=tuple(phase.b_range), mask_generator=mask_gen, log_prefix=prefix_name,
+            step_offset=self.step_offset, log_every=ctx.log_every)
+        trainable = bool(adarounds or scales)
+        try:
+            if trainable and phase.iters > 0:
+                trainer = ctx.trainer(max_steps=phase.iters, max_epochs=1, logger=ctx.logger or False,
+                                      enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+                                      num_sanity_val_steps=0, limit_val_batches=0,
+                                      callbacks=[UnitProgress(f"unit {i + 1}/{n_units} {unit.name}")])
+                trainer.fit(module, train_dataloaders=loader(len(caches), ctx.batch_size, phase.iters, gen))
+        finally:
+            for layer, base, ada in zip(layers, base_quantizers, [layer.weight_quant for layer in layers]):
+                if isinstance(ada, AdaRoundQuantizer):
+                    ada.harden()
+                    with torch.no_grad():
+                        layer.weight.copy_(ada(layer.weight))  # hard-rounded grid values: idempotent
+                layer.weight_quant = base
+            for q in acts:
+                q.freeze_scale()
+                q.drop_prob, q.generator = 1.0, None
+        t_end = time.time()
+        with torch.no_grad():
+            final = {k: round(v, 6) for k, v in module.last.items()}
+        self.step_offset += phase.iters if trainable else 0
+        log.info("unit %d/%d %s: %s (cache %.1fs, act init %.1fs, fit %.1fs)", i + 1, n_units, unit.name,
+                 " ".join(f"{k}={v:.4g}" for k, v in final.items()), t_cache - t0, t_init - t_cache, t_end - t_init)
+        return {"name": unit.name, "phase": p, "index": i, "kind": unit.kind, "iters": phase.iters if trainable else 0,
+                "seconds": round(t_end - t0, 3), "cache_s": round(t_cache - t0, 3),
+                "act_init_s": round(t_init - t_cache, 3), "fit_s": round(t_end - t_init, 3), **final}
+
+    def save(self, p: int, i: int) -> None:
+        if self.ctx.out_dir is not None:
+            atomic_torch_save({"phase": p, "index": i, "units": self.summaries, "state_dict": self.gm.state_dict(),
+                               "fingerprint": self.ctx.fingerprint}, Path(self.ctx.out_dir) / STATE_FILE)

@@ -1,0 +1,169 @@
+"""Reconstruction engine: AdaRound, the schedule, QDrop dropping, and end-to-end runs (determinism,
+resume after a kill, W2A4 reconstruction against round-to-nearest)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pdq.pipeline import run
+from pdq.quant import ActQuantizer, MinMaxObserver, WeightQuantizer
+from pdq.quant.adaround import AdaRoundQuantizer, LinearTempDecay
+from pdq.recon.engine import STATE_FILE
+from pdq.recon.module import Caches, UnitReconstruction
+from tests.conftest import ROOT
+
+
+def calibrated_weight_quantizer(w, bits=4):
+    q = WeightQuantizer(bits, w.shape[0])
+    q.observe(w, MinMaxObserver())
+    return q
+
+
+def test_adaround_init_reproduces_fp_weight_and_hardens_at_half():
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, 3, 3)
+    ada = AdaRoundQuantizer(calibrated_weight_quantizer(w), w)
+    s, z = ada.scale, ada.zero_point
+    clipped = torch.maximum(torch.minimum(w, (15 - z) * s), -z * s)
+    assert torch.allclose(ada(w), clipped, atol=1e-5)  # h(V) = frac(W/s): the soft weight is the clipped FP weight
+    assert ((ada(w) - w).abs() > 1e-5).float().mean() < 0.1  # only channel extremes are clipped
+    with torch.no_grad():
+        ada.alpha.add_(torch.randn_like(ada.alpha))
+    h = ada.h().detach()
+    ada.harden()
+    expected = s * (torch.clamp(torch.floor(w / s) + (h >= 0.5).float() + z, 0, 15) - z)
+    assert torch.equal(ada(w), expected)
+    assert set(((ada(w) / s + z) % 1).abs().flatten().round(decimals=4).tolist()) <= {0.0, 1.0}
+
+
+def test_round_loss_and_beta_schedule():
+    sched = LinearTempDecay(1000, warmup=0.2, start_b=20, end_b=2)
+    assert not sched.active(199) and sched.active(200)
+    assert (sched(200), sched(600), sched(1000)) == (20, 11, 2)
+    w = torch.randn(4, 10)
+    ada = AdaRoundQuantizer(calibrated_weight_quantizer(w), w)
+    with torch.no_grad():
+        ada.alpha.fill_(50.0)  # h = 1 everywhere: nothing left to regularise
+    assert ada.round_loss(2.0).item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        ada.alpha.fill_(0.0)   # h = 0.5: maximal penalty 1 per weight
+    assert ada.round_loss(2.0).item() == pytest.approx(w.numel())
+
+
+def test_round_loss_is_off_during_warmup():
+    w = torch.randn(3, 5)
+    layer = torch.nn.Linear(5, 3, bias=False)
+    ada = AdaRoundQuantizer(calibrated_weight_quantizer(w), w)
+    unit = lambda x: torch.nn.functional.linear(x, ada(w))  # noqa: E731
+    caches = Caches(torch.randn(16, 5), None, torch.randn(16, 3))
+    module = UnitReconstruction(unit, caches, iters=10, input_prob=1.0, rec_p=2.0, adarounds=[ada], scales=[],
+                                round_lr=1e-3, scale_lr=0, round_weight=0.5, warmup=0.2, b_range=(20, 2),
+                                mask_generator=torch.Generator(), log_prefix="u", step_offset=0)
+    idx = torch.arange(8)
+    assert module.losses(idx)["round_loss"].item() == 0.0
+    module.t = 2
+    assert module.losses(idx)["round_loss"].item() > 0.0
+    assert layer.weight.shape == w.shape
+
+
+def test_qdrop_drops_elementwise_at_rate_p():
+    q = ActQuantizer(2)
+    x = torch.rand(64, 8, 16, 16) * 3 + 0.1
+    q.observe(x, MinMaxObserver())
+    xq = ActQuantizer.forward(q, x)
+    q.drop_prob, q.generator = 0.5, torch.Generator().manual_seed(0)
+    out = q(x)
+    differs = xq != x
+    quantized = (out == xq) & differs
+    rate = quantized.sum().item() / differs.sum().item()
+    n = differs.sum().item()
+    assert abs(rate - 0.5) < 4 * (0.25 / n) ** 0.5
+    assert torch.all((out == xq) | (out == x))
+    per_sample = quantized.flatten(1).float().mean(1)
+    assert 0.3 < per_sample.min() and per_sample.max() < 0.7  # element-wise, not whole samples
+
+
+def test_unit_input_mix_is_elementwise():
+    caches = Caches(torch.zeros(32, 4, 8, 8), torch.ones(32, 4, 8, 8), torch.zeros(32, 4, 8, 8))
+    module = UnitReconstruction(torch.nn.Identity(), caches, iters=1, input_prob=0.5, rec_p=2.0, adarounds=[],
+                                scales=[], round_lr=0, scale_lr=0, round_weight=0, warmup=0.2, b_range=(20, 2),
+                                mask_generator=torch.Generator().manual_seed(1), log_prefix="u", step_offset=0)
+    x = module.unit_input(torch.arange(32))
+    fp_share = x.mean().item()
+    assert abs(fp_share - 0.5) < 0.02
+    assert 0 < x[0].mean().item() < 1 and 0 < x[:, 0, 0, 0].mean().item() < 1
+
+
+SHORT = ["model=resnet20_fmnist", "calib.size=128", "calib.act_init_size=64", "data.eval_subset=1000",
+         "logger=none"]
+
+
+def state_of(path):
+    return torch.load(path / "quantized_model.pt")
+
+
+def test_same_seed_same_reconstruction(make_cfg, tmp_path):
+    args = [*SHORT, "method=adaround", "method.iters=15", "quant=w2a4"]
+    a = run(make_cfg(*args, f"paths.output_dir={tmp_path / 'a'}"))
+    b = run(make_cfg(*args, f"paths.output_dir={tmp_path / 'b'}"))
+    assert a["quant_top1"] == b["quant_top1"]
+    sa, sb = state_of(tmp_path / "a"), state_of(tmp_path / "b")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert [u["name"] for u in a["units"]] == [u["name"] for u in b["units"]] and len(a["units"]) == 22
+
+
+def test_brecq_runs_two_phases_and_skips_stem_with_brecq_layout(make_cfg, tmp_path):
+    res = run(make_cfg(*SHORT, "method=brecq", "method.iters=5", "quant=w4a4", "quant.layout=brecq"))
+    phases = [(u["phase"], u["name"]) for u in res["units"]]
+    assert phases[0] == (0, "layer1.0") and (1, "layer1.0") in phases and (0, "conv1") not in phases
+    assert {"rec_loss", "round_loss"} <= res["units"][0].keys()
+
+
+def test_kill_after_unit_k_then_resume_matches_uninterrupted(make_cfg, tmp_path):
+    args = [*SHORT, "method=qdrop", "method.iters=60", "quant=w2a4"]
+    ref = run(make_cfg(*args, f"paths.output_dir={tmp_path / 'ref'}"))
+    killed = tmp_path / "killed"
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args, f"hydra.run.dir={killed}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            state = killed / STATE_FILE
+            if state.exists() and torch.load(state, weights_only=False)["index"] >= 3:
+                break
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (killed / "results.json").exists(), "the run finished before it could be killed"
+    done = len(torch.load(killed / STATE_FILE, weights_only=False)["units"])
+    assert 3 < done < 11
+    resumed = run(make_cfg(*args, f"resume={killed}", f"paths.output_dir={tmp_path / 'other'}"))
+    assert resumed["quant_top1"] == ref["quant_top1"]
+    assert [u["name"] for u in resumed["units"]] == [u["name"] for u in ref["units"]]
+    s_ref, s_res = state_of(tmp_path / "ref"), state_of(killed)
+    assert all(torch.equal(s_ref[k], s_res[k]) for k in s_ref)
+    assert json.loads((killed / "results.json").read_text())["quant_top1"] == ref["quant_top1"]
+
+
+def test_resume_refuses_other_settings(make_cfg, tmp_path):
+    args = [*SHORT, "method=qdrop", "method.iters=2", "quant=w4a4"]
+    run(make_cfg(*args, f"paths.output_dir={tmp_path / 'a'}"))
+    from pdq.errors import PdqError
+
+    with pytest.raises(PdqError, match=r"other settings \(quant differ"):
+        run(make_cfg(*SHORT, "method=qdrop", "method.iters=2", "quant=w2a2", f"resume={tmp_path / 'a'}"))
+
+
+def test_w2a4_reconstruction_beats_round_to_nearest(make_cfg, tmp_path):
+    common = ["model=resnet20_fmnist", "quant=w2a4", "calib.size=256", "logger=none"]
+    rtn = run(make_cfg(*common, "method=rtn_mse", f"paths.output_dir={tmp_path / 'rtn'}"))
+    rec = run(make_cfg(*common, "method=qdrop", "method.iters=150", f"paths.output_dir={tmp_path / 'rec'}"))
+    assert rec["quant_top1"] > rtn["quant_top1"] + 1.0, (rec["quant_top1"], rtn["quant_top1"])
