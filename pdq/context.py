@@ -24,6 +24,7 @@ class RunContext:
     log_every: int = 50
     reconstruct_stem: bool = True     # the `brecq` layout leaves the first unit as it is
     fingerprint: dict | None = None   # what a resumed run must share with the saved one
+    fp_model: torch.nn.Module | None = None  # the unfolded float model (Distribution Correction)
 
 
 def stream_seed(seed: int, *keys: int) -> int:

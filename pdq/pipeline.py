@@ -137,7 +137,7 @@ def quantize_and_evaluate(cfg, layout, datamodule, model, method, logger, device
     ctx = RunContext(device=device, seed=cfg.seed, batch_size=cfg.calib.batch_size,
                      act_init_size=cfg.calib.act_init_size, trainer=instantiate(cfg.trainer), logger=logger,
                      out_dir=out_dir, resume_state=resume_state, reconstruct_stem=layout.reconstruct_stem,
-                     fingerprint=fingerprint(cfg))
+                     fingerprint=fingerprint(cfg), fp_model=model)
     t_q = time.time()
     units = method.quantize(qmodel, calib, ctx)
     quant_seconds = time.time() - t_q
@@ -148,6 +148,7 @@ def quantize_and_evaluate(cfg, layout, datamodule, model, method, logger, device
         "model": cfg.model.name, "dataset": datamodule.name, "method": method.name,
         "w_bits": layout.w_bits, "a_bits": layout.a_bits, "seed": cfg.seed, "calib_size": cfg.calib.size,
         "iters": int(getattr(method, "iters", 0)), "fp_top1": round(fp_top1, 4), "quant_top1": round(quant_top1, 4),
+        "eval_images": len(test_loader.dataset),
         "quant_s": round(quant_seconds, 2), "versions": versions(),
         "units": units, "layout": {"preset": layout.layout, **table},
         "config": OmegaConf.to_container(cfg, resolve=True),

@@ -108,6 +108,19 @@ def state_of(path):
     return torch.load(path / "quantized_model.pt")
 
 
+def test_every_unit_runs_exactly_iters_steps(make_cfg, tmp_path):
+    res = run(make_cfg(*SHORT, "method=qdrop", "method.iters=7", "quant=w4a4", "logger=csv",
+                       "calib.size=64"))
+    rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    steps = [int(r.split(",")[header.index("step")]) for r in rows[1:]]
+    assert steps == sorted(steps)  # one global, increasing step axis
+    col = header.index("u01_layer1.0/loss")
+    logged = [int(r.split(",")[header.index("step")]) for r in rows[1:] if r.split(",")[col]]
+    assert logged == [14]  # unit 0 ends at step 7, unit 1 at 14 (logged at its last step)
+    assert all(u["iters"] == 7 for u in res["units"])
+
+
 def test_same_seed_same_reconstruction(make_cfg, tmp_path):
     args = [*SHORT, "method=adaround", "method.iters=15", "quant=w2a4"]
     a = run(make_cfg(*args, f"paths.output_dir={tmp_path / 'a'}"))

@@ -26,8 +26,9 @@ from pdq.io import atomic_torch_save
 from pdq.quant.adaround import AdaRoundQuantizer
 from pdq.quant.observers import Observer
 from pdq.quant.state import act_quantizers, calibrate_activations, full_precision
+from pdq.recon.dc import DCConfig, correct, fp_twin
 from pdq.recon.module import Caches, UnitProgress, UnitReconstruction, loader
-from pdq.recon.subgraph import prefix, segment
+from pdq.recon.subgraph import prefix, segment, suffix
 from pdq.recon.units import Unit, find_units
 
 log = logging.getLogger("pdq")
@@ -55,6 +56,14 @@ class Phase:
     round_weight: float = 0.01
     warmup: float = 0.2
     b_range: tuple[float, float] = (20.0, 2.0)
+    rec_weight: float = 1.0           # reconstruction ("regularisation") term
+    pd_weight: float = 0.0            # PD-Quant prediction-difference term (official: 1 / lambda_r = 10)
+    temperature: float = 4.0          # PD softmax temperature
+    pd_branch_drop: bool = True       # official: dropping stays on in the PD (quantized) half
+    dc: DCConfig | dict | None = None  # Distribution Correction of the FP unit inputs
+
+    def __post_init__(self):
+        self.dc = DCConfig(**self.dc) if isinstance(self.dc, dict) else (self.dc or DCConfig())
 
 
 @torch.no_grad()
@@ -68,6 +77,23 @@ class ReconstructionEngine:
         self.summaries: list[dict] = list((ctx.resume_state or {}).get("units", []))
         self.done: set[tuple[int, int]] = {(s["phase"], s["index"]) for s in self.summaries}
         self.step_offset = sum(s["iters"] for s in self.summaries)
+        self._logits: torch.Tensor | None = None
+        self._fp_graph: fx.GraphModule | None = None
+
+    def logits(self) -> torch.Tensor:
+        """FP network logits on the (uncorrected) calibration images, computed once."""
+        if self._logits is None:
+            with full_precision(self.gm):
+                self._logits = _run_batched(self.gm, self.calib, self.ctx.batch_size, self.ctx.device, torch.float32)
+        return self._logits
+
+    def fp_graph(self) -> fx.GraphModule:
+        """The unfolded FP model as a graph (DC needs its BatchNorms)."""
+        if self._fp_graph is None:
+            if self.ctx.fp_model is None:
+                raise ValueError("Distribution Correction needs the float model (RunContext.fp_model)")
+            self._fp_graph = fx.symbolic_trace(self.ctx.fp_model).to(self.ctx.device).eval()
+        return self._fp_graph
 
     def run(self, phases: list[Phase]) -> list[dict]:
         for p, phase in enumerate(phases):
@@ -81,26 +107,31 @@ class ReconstructionEngine:
                 self.save(p, i)
         return self.summaries
 
-    def caches(self, unit: Unit, phase: Phase) -> Caches:
+    def caches(self, unit: Unit, phase: Phase) -> tuple[Caches, dict]:
         ctx, gm = self.ctx, self.gm
         pre = prefix(gm, unit.input)
         x_q = x_fp = None
-        if phase.input_prob > 0:
+        if phase.input_prob > 0 or phase.pd_weight > 0:
             if phase.act_quant:
                 calibrate_activations(pre, self.calib[: ctx.act_init_size].to(ctx.device), self.act_observer,
                                       only_uninitialized=True)
             x_q = _run_batched(pre, self.calib, ctx.batch_size, ctx.device, ctx.cache_dtype)
+        dc_info: dict = {}
         with full_precision(gm):
             x_fp_full = _run_batched(pre, self.calib, ctx.batch_size, ctx.device, ctx.cache_dtype)
+            if phase.dc.enabled:
+                twin, bns = fp_twin(self.fp_graph(), gm, unit)
+                x_fp_full, dc_info = correct(twin, bns, x_fp_full, phase.dc)
             y_fp = _run_batched(segment(gm, unit), x_fp_full, ctx.batch_size, ctx.device, ctx.cache_dtype)
         if phase.input_prob < 1:
             x_fp = x_fp_full
-        return Caches(x_q, x_fp, y_fp)
+        logits = self.logits() if phase.pd_weight > 0 else None
+        return Caches(x_q, x_fp, y_fp, logits), dc_info
 
     def reconstruct(self, p: int, i: int, n_units: int, unit: Unit, phase: Phase) -> dict:
         ctx, gm = self.ctx, self.gm
         t0 = time.time()
-        caches = self.caches(unit, phase)
+        caches, dc_info = self.caches(unit, phase)
         t_cache = time.time()
         seg = segment(gm, unit)
         acts = [gm.get_submodule(n) for n in unit.act_quants(gm)]
@@ -127,15 +158,20 @@ class ReconstructionEngine:
             seg, caches, iters=phase.iters, input_prob=phase.input_prob, rec_p=phase.rec_p, adarounds=adarounds,
             scales=scales, round_lr=phase.round_lr, scale_lr=phase.scale_lr, round_weight=phase.round_weight,
             warmup=phase.warmup, b_range=tuple(phase.b_range), mask_generator=mask_gen, log_prefix=prefix_name,
-            step_offset=self.step_offset, log_every=ctx.log_every)
+            step_offset=self.step_offset, log_every=ctx.log_every, rec_weight=phase.rec_weight,
+            pd_weight=phase.pd_weight, temperature=phase.temperature, pd_branch_drop=phase.pd_branch_drop,
+            suffix=suffix(gm, unit.output) if phase.pd_weight > 0 else None, drop_quantizers=tuple(acts))
         trainable = bool(adarounds or scales)
+        later = module.suffix if module.suffix is not None else torch.nn.Identity()
         try:
             if trainable and phase.iters > 0:
-                trainer = ctx.trainer(max_steps=phase.iters, max_epochs=1, logger=ctx.logger or False,
-                                      enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-                                      num_sanity_val_steps=0, limit_val_batches=0,
-                                      callbacks=[UnitProgress(f"unit {i + 1}/{n_units} {unit.name}")])
-                trainer.fit(module, train_dataloaders=loader(len(caches), ctx.batch_size, phase.iters, gen))
+                # one epoch over exactly `iters` index batches (max_steps would count every optimizer's step)
+                trainer = ctx.trainer(max_epochs=1, logger=ctx.logger or False, enable_checkpointing=False,
+                                      enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
+                                      limit_val_batches=0,
+                                      callbacks=[UnitProgress(f"unit {i + 1}/{n_units} {unit.name}", phase.iters)])
+                with full_precision(later):  # the rest of the network stays FP (spec §5.2)
+                    trainer.fit(module, train_dataloaders=loader(len(caches), ctx.batch_size, phase.iters, gen))
         finally:
             for layer, base, ada in zip(layers, base_quantizers, [layer.weight_quant for layer in layers]):
                 if isinstance(ada, AdaRoundQuantizer):
@@ -154,7 +190,7 @@ class ReconstructionEngine:
                  " ".join(f"{k}={v:.4g}" for k, v in final.items()), t_cache - t0, t_init - t_cache, t_end - t_init)
         return {"name": unit.name, "phase": p, "index": i, "kind": unit.kind, "iters": phase.iters if trainable else 0,
                 "seconds": round(t_end - t0, 3), "cache_s": round(t_cache - t0, 3),
-                "act_init_s": round(t_init - t_cache, 3), "fit_s": round(t_end - t_init, 3), **final}
+                "act_init_s": round(t_init - t_cache, 3), "fit_s": round(t_end - t_init, 3), **final, **dc_info}
 
     def save(self, p: int, i: int) -> None:
         if self.ctx.out_dir is not None:

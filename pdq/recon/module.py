@@ -16,9 +16,10 @@ from pdq.quant.adaround import AdaRoundQuantizer, LinearTempDecay
 @dataclass
 class Caches:
     """Per-unit tensors over the whole calibration set (on the compute device)."""
-    x_q: torch.Tensor | None     # unit input on the quantized path
-    x_fp: torch.Tensor | None    # unit input on the FP path
-    y_fp: torch.Tensor           # FP unit output (target)
+    x_q: torch.Tensor | None            # unit input on the quantized path
+    x_fp: torch.Tensor | None           # unit input on the FP path (DC-corrected when DC is on)
+    y_fp: torch.Tensor                  # FP unit output on that input (target)
+    logits: torch.Tensor | None = None  # FP network logits on the calibration images (PD loss)
 
     def __len__(self) -> int:
         return len(self.y_fp)
@@ -52,9 +53,13 @@ class UnitReconstruction(L.LightningModule):
     def __init__(self, unit: nn.Module, caches: Caches, *, iters: int, input_prob: float, rec_p: float,
                  adarounds: list[AdaRoundQuantizer], scales: list[nn.Parameter], round_lr: float,
                  scale_lr: float, round_weight: float, warmup: float, b_range: tuple[float, float],
-                 mask_generator: torch.Generator, log_prefix: str, step_offset: int, log_every: int = 50):
+                 mask_generator: torch.Generator, log_prefix: str, step_offset: int, log_every: int = 50,
+                 rec_weight: float = 1.0, pd_weight: float = 0.0, temperature: float = 1.0,
+                 suffix: nn.Module | None = None, pd_branch_drop: bool = True, drop_quantizers: tuple = ()):
         super().__init__()
         self.unit = unit
+        self.rec_weight, self.pd_weight, self.temperature = rec_weight, pd_weight, temperature
+        self.suffix, self.pd_branch_drop, self.drop_quantizers = suffix, pd_branch_drop, drop_quantizers
         self.caches = caches
         self.iters, self.input_prob, self.rec_p = iters, input_prob, rec_p
         self.adarounds = nn.ModuleList(adarounds)
@@ -87,14 +92,44 @@ class UnitReconstruction(L.LightningModule):
         keep = torch.rand(x_q.shape, generator=self.mask_generator, device=x_q.device) < self.input_prob
         return torch.where(keep, x_q, x_fp)
 
+    def quantized_half(self, x_q: torch.Tensor) -> torch.Tensor:
+        """Unit output on quantized-path inputs with dropping off (the `pd_branch_drop=false` variant)."""
+        saved = [q.drop_prob for q in self.drop_quantizers]
+        for q in self.drop_quantizers:
+            q.drop_prob = 1.0
+        try:
+            return self.unit(x_q)
+        finally:
+            for q, p in zip(self.drop_quantizers, saved):
+                q.drop_prob = p
+
     def losses(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.unit(self.unit_input(idx))
-        terms = {"rec_loss": reconstruction_loss(out, self.caches.y_fp[idx], self.rec_p)}
+        """Each term as it enters the total: rec_weight * L_rec + pd_weight * L_PD + lambda * f_reg."""
+        terms: dict[str, torch.Tensor] = {}
+        use_pd = self.pd_weight > 0 and self.suffix is not None
+        out = out_q = None
+        if use_pd and self.pd_branch_drop and self.rec_weight > 0:
+            # PD-Quant: one forward of [mixed half ; quantized half], dropping on in both (spec §5.2)
+            out, out_q = self.unit(torch.cat([self.unit_input(idx), self.caches.x_q[idx]])).split(len(idx))
+        else:
+            if self.rec_weight > 0:
+                out = self.unit(self.unit_input(idx))
+            if use_pd:
+                x_q = self.caches.x_q[idx]
+                out_q = self.unit(x_q) if self.pd_branch_drop else self.quantized_half(x_q)
+        if out is not None:
+            terms["rec_loss"] = self.rec_weight * reconstruction_loss(out, self.caches.y_fp[idx], self.rec_p)
+        if use_pd:
+            t = self.temperature
+            log_q = torch.log_softmax(self.suffix(out_q) / t, dim=1)
+            p_fp = torch.softmax(self.caches.logits[idx] / t, dim=1)
+            terms["pd_loss"] = self.pd_weight * torch.nn.functional.kl_div(log_q, p_fp, reduction="batchmean")
+        ref = out if out is not None else out_q
         if len(self.adarounds):
             beta = self.schedule(self.t)
             active = self.schedule.active(self.t)
             terms["round_loss"] = (self.round_weight * sum(q.round_loss(beta) for q in self.adarounds)
-                                   if active else out.new_zeros(()))
+                                   if active else ref.new_zeros(()))
         terms["loss"] = sum(terms.values())
         return terms
 
@@ -123,13 +158,13 @@ class UnitReconstruction(L.LightningModule):
 class UnitProgress(L.Callback):
     """One progress bar per unit ("unit 3/11 layer1.1") with the latest loss terms."""
 
-    def __init__(self, desc: str):
-        self.desc, self.bar = desc, None
+    def __init__(self, desc: str, total: int):
+        self.desc, self.total, self.bar = desc, total, None
 
     def on_train_start(self, trainer, pl_module):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=trainer.max_steps, desc=self.desc, leave=False, dynamic_ncols=True)
+        self.bar = tqdm(total=self.total, desc=self.desc, leave=False, dynamic_ncols=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.bar.update(1)

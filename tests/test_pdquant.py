@@ -1,0 +1,108 @@
+"""PD-Quant pieces: the FP rest of the network, the PD loss, Distribution Correction, and the presets."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import fx
+
+from pdq.models.fmnist import mobilenetv2_fmnist, resnet20_fmnist
+from pdq.pipeline import run
+from pdq.quant import quantize_model, set_quant_state
+from pdq.recon import find_units
+from pdq.recon.dc import DCConfig, bn_statistics_loss, correct, fp_twin
+from pdq.recon.module import Caches, UnitReconstruction
+from pdq.recon.subgraph import prefix, segment, suffix
+from tests.test_graph import randomize_bn
+
+ZOO = [(resnet20_fmnist, (2, 1, 28, 28)), (mobilenetv2_fmnist, (2, 1, 28, 28)),
+       (torchvision.models.resnet18, (2, 3, 64, 64)), (torchvision.models.resnet50, (2, 3, 64, 64)),
+       (torchvision.models.mobilenet_v2, (2, 3, 64, 64)), (torchvision.models.regnet_x_400mf, (2, 3, 64, 64)),
+       (torchvision.models.mnasnet1_0, (2, 3, 64, 64))]
+
+
+@pytest.mark.parametrize("build,shape", ZOO, ids=[b.__name__ for b, _ in ZOO])
+def test_fp_suffix_of_every_unit_gives_the_model_output(build, shape):
+    torch.manual_seed(0)
+    model = randomize_bn(build())
+    qm = quantize_model(model)
+    set_quant_state(qm, weight=False, act=False)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        ref = model(x)
+    for unit in find_units(qm):
+        rest = suffix(qm, unit.output)
+        assert not any(p.requires_grad for p in rest.parameters())
+        out = prefix(qm, unit.output)(x).requires_grad_(True)
+        logits = rest(out)
+        assert (logits - ref).abs().max() <= 1e-5 * ref.abs().max(), unit.name
+        logits.sum().backward()
+        assert out.grad is not None and out.grad.abs().sum() > 0  # gradients reach the unit output only
+
+
+def pd_module(seg, rest, caches, **kw):
+    return UnitReconstruction(seg, caches, iters=10, input_prob=1.0, rec_p=2.0, adarounds=[], scales=[], round_lr=0,
+                              scale_lr=0, round_weight=0, warmup=0.2, b_range=(20, 2),
+                              mask_generator=torch.Generator(), log_prefix="u", step_offset=0, pd_weight=10.0,
+                              temperature=4.0, suffix=rest, **kw)
+
+
+def test_pd_loss_is_zero_for_a_unit_left_in_fp():
+    torch.manual_seed(0)
+    qm = quantize_model(randomize_bn(resnet20_fmnist()))
+    set_quant_state(qm, weight=False, act=False)
+    unit = find_units(qm)[4]
+    x = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        x_in, logits = prefix(qm, unit.input)(x), qm(x)
+        y = segment(qm, unit)(x_in)
+    module = pd_module(segment(qm, unit), suffix(qm, unit.output), Caches(x_in, x_in, y, logits))
+    terms = module.losses(torch.arange(16))
+    assert terms["pd_loss"].item() == pytest.approx(0.0, abs=1e-6)
+    assert terms["rec_loss"].item() == pytest.approx(0.0, abs=1e-8)
+    shifted = Caches(x_in, x_in, y, logits.roll(1, dims=0))
+    assert pd_module(segment(qm, unit), suffix(qm, unit.output), shifted).losses(torch.arange(16))["pd_loss"] > 0
+
+
+def test_dc_lowers_bn_statistics_loss_and_skips_bn_free_units():
+    torch.manual_seed(0)
+    model = randomize_bn(resnet20_fmnist())
+    qm, fp_gm = quantize_model(model), fx.symbolic_trace(copy.deepcopy(model))
+    units = find_units(qm)
+    twin, bns = fp_twin(fp_gm, qm, units[2])
+    assert len(bns) == 2
+    x = torch.randn(32, 16, 28, 28).relu()
+    corrected, info = correct(twin, bns, x, DCConfig(enabled=True, steps=30, lambda_c=0.02, chunk=16))
+    assert info["dc_loss_after"] < info["dc_loss_before"]
+    captured = []
+    hooks = [bn.register_forward_pre_hook(lambda m, a: captured.append(a[0])) for bn in bns]
+    with torch.no_grad():
+        twin(x)
+        before = bn_statistics_loss(captured, bns).item()
+        captured.clear()
+        twin(corrected)
+        after = bn_statistics_loss(captured, bns).item()
+    for h in hooks:
+        h.remove()
+    assert after < before and corrected.shape == x.shape
+    fc_twin, fc_bns = fp_twin(fp_gm, qm, units[-1])
+    feats = torch.randn(8, 64)
+    same, info = correct(fc_twin, fc_bns, feats, DCConfig(enabled=True, steps=30))
+    assert fc_bns == [] and same is feats and info == {}
+
+
+PRESETS = ["pdquant", "pd_only", "pd_reg", "qdrop_dc", "pd_scale"]
+
+
+@pytest.mark.parametrize("method", PRESETS)
+def test_ablation_presets_run_a_few_steps(make_cfg, method, tmp_path):
+    res = run(make_cfg("model=mobilenetv2_fmnist" if method == "pdquant" else "model=resnet20_fmnist",
+                       f"method={method}", "method.iters=3", "method.dc.steps=2", "quant=w2a2", "calib.size=64",
+                       "calib.act_init_size=32", "data.eval_subset=200", "logger=none"))
+    assert res["method"] == method and res["units"]
+    unit = res["units"][1]
+    assert ("pd_loss" in unit) == (method != "qdrop_dc")
+    assert ("rec_loss" in unit) == (method not in ("pd_only", "pd_scale"))
+    assert ("dc_loss_before" in unit) == (method in ("pdquant", "qdrop_dc"))
+    assert ("round_loss" in unit) == (method != "pd_scale")
