@@ -13,7 +13,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: s
     """Top-1 accuracy in percent over the whole loader."""
     model.eval()
     correct = total = 0
-    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
         pred = model(x.to(device, non_blocking=True)).argmax(dim=1)
         correct += (pred.cpu() == y).sum().item()
         total += y.numel()

@@ -33,6 +33,9 @@ def validate(cfg: DictConfig) -> BitLayout:
     if cfg.model.get("checkpoint") and not Path(cfg.model.checkpoint).expanduser().is_file():
         raise PdqError(f"model.checkpoint={cfg.model.checkpoint!r} does not exist "
                        f"(accepted: a readable checkpoint file)")
+    if cfg.calib.get("cache_dtype", "float32") not in ("float32", "float16", "bfloat16"):
+        raise PdqError(f"calib.cache_dtype={cfg.calib.cache_dtype!r} is not accepted; accepted: float32, float16, "
+                       f"bfloat16")
     for key in ("size", "batch_size", "act_init_size"):
         value = cfg.calib[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -137,7 +140,8 @@ def quantize_and_evaluate(cfg, layout, datamodule, model, method, logger, device
     ctx = RunContext(device=device, seed=cfg.seed, batch_size=cfg.calib.batch_size,
                      act_init_size=cfg.calib.act_init_size, trainer=instantiate(cfg.trainer), logger=logger,
                      out_dir=out_dir, resume_state=resume_state, reconstruct_stem=layout.reconstruct_stem,
-                     fingerprint=fingerprint(cfg), fp_model=model)
+                     fingerprint=fingerprint(cfg), fp_model=model,
+                     cache_dtype=getattr(torch, cfg.calib.get("cache_dtype", "float32")))
     t_q = time.time()
     units = method.quantize(qmodel, calib, ctx)
     quant_seconds = time.time() - t_q

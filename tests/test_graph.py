@@ -99,6 +99,9 @@ def test_layout_rejects_bad_values():
         BitLayout(4, 9)
     with pytest.raises(PdqError, match="names 'nope', which is no quantized layer"):
         BitLayout(4, 4, per_layer={"nope": 4}).resolve(qm)
+    with pytest.raises(PdqError, match="entry 'conv1=4' is not accepted; accepted: '<layer or"):
+        BitLayout(4, 4, per_layer=["conv1=4"])
+    assert BitLayout(4, 4, per_layer=["layer1.0.aq:8", "conv1:3"]).resolve(qm)["acts"]["layer1.0.aq"] == 8
 
 
 def test_untraceable_model_gets_clear_error():

@@ -121,6 +121,12 @@ def test_every_unit_runs_exactly_iters_steps(make_cfg, tmp_path):
     assert all(u["iters"] == 7 for u in res["units"])
 
 
+def test_half_precision_caches(make_cfg):
+    res = run(make_cfg(*SHORT, "method=pdquant", "method.iters=3", "method.dc.steps=2", "quant=w4a4",
+                       "calib.size=64", "calib.cache_dtype=bfloat16"))
+    assert len(res["units"]) == 11 and res["quant_top1"] > 50
+
+
 def test_same_seed_same_reconstruction(make_cfg, tmp_path):
     args = [*SHORT, "method=adaround", "method.iters=15", "quant=w2a4"]
     a = run(make_cfg(*args, f"paths.output_dir={tmp_path / 'a'}"))

@@ -5,7 +5,8 @@ Presets:
 * `brecq`:   as pdquant but the stem output is 8 bit and the stem is not reconstructed.
 Any preset value can be overridden (`stem_w_bits`, `stem_out_bits`, `fc_w_bits`, `fc_in_bits`), and
 single quantizers by name in `per_layer` (a layer name sets its weight bits, an activation quantizer
-name such as `layer1.0.aq` its activation bits)."""
+name such as `layer1.0.aq` its activation bits): a dict, or on the command line a list of
+`name:bits` strings (`quant.per_layer=[layer1.0.aq:8,conv1:4]`)."""
 
 from __future__ import annotations
 
@@ -32,9 +33,11 @@ class BitLayout:
     stem_out_bits: int | None = None
     fc_w_bits: int | None = None
     fc_in_bits: int | None = None
-    per_layer: dict[str, int] = field(default_factory=dict)
+    per_layer: dict[str, int] | list[str] = field(default_factory=dict)
 
     def __post_init__(self):
+        if isinstance(self.per_layer, (list, tuple)):
+            self.per_layer = dict(_parse_override(item) for item in self.per_layer)
         if self.layout not in PRESETS:
             raise PdqError(f"quant.layout={self.layout!r} is unknown; accepted: {', '.join(PRESETS)}")
         for key in ("w_bits", "a_bits", "stem_w_bits", "stem_out_bits", "fc_w_bits", "fc_in_bits"):
@@ -75,6 +78,14 @@ class BitLayout:
                 raise PdqError(f"quant.per_layer names {name!r}, which is no quantized layer or activation "
                                f"quantizer of this model; accepted: {', '.join(layers + acts)}")
         return {"weights": weights, "acts": act_bits}
+
+
+def _parse_override(item: str) -> tuple[str, int]:
+    name, sep, bits = str(item).rpartition(":")
+    if not sep or not name or not bits.strip().isdigit():
+        raise PdqError(f"quant.per_layer entry {item!r} is not accepted; accepted: '<layer or activation-quantizer "
+                       f"name>:<bits>', e.g. layer1.0.aq:8")
+    return name.strip(), int(bits)
 
 
 def apply_layout(gm: fx.GraphModule, table: dict[str, dict[str, int]]) -> None:

@@ -43,7 +43,8 @@ def full_precision(module: nn.Module):
 
 
 def calibrate_weights(gm: fx.GraphModule, observer: Observer) -> None:
-    for name in tqdm(quant_layer_names(gm), desc="weight scales", leave=False, dynamic_ncols=True):
+    for name in tqdm(quant_layer_names(gm), desc="weight scales", leave=False, dynamic_ncols=True,
+                     disable=None):
         layer = gm.get_submodule(name)
         layer.weight_quant.observe(layer.weight, observer)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,9 @@ class Phase:
     rec_p: float = 2.0                # reconstruction loss exponent
     round_lr: float = 1e-3
     scale_lr: float = 4e-5
+    round_optimizer: Callable | None = None   # partial optimiser for the AdaRound variables (default Adam)
+    scale_optimizer: Callable | None = None   # partial optimiser for the activation scales (default Adam)
+    scale_scheduler: Callable | None = None   # partial LR scheduler for the scales (default cosine to 0)
     round_weight: float = 0.01
     warmup: float = 0.2
     b_range: tuple[float, float] = (20.0, 2.0)
@@ -68,7 +72,8 @@ class Phase:
 
 @torch.no_grad()
 def _run_batched(module: torch.nn.Module, x: torch.Tensor, batch_size: int, device, dtype) -> torch.Tensor:
-    return torch.cat([module(x[i:i + batch_size].to(device)).to(dtype) for i in range(0, len(x), batch_size)])
+    return torch.cat([module(x[i:i + batch_size].to(device, torch.float32)).to(dtype)
+                      for i in range(0, len(x), batch_size)])
 
 
 class ReconstructionEngine:
@@ -160,7 +165,9 @@ class ReconstructionEngine:
             warmup=phase.warmup, b_range=tuple(phase.b_range), mask_generator=mask_gen, log_prefix=prefix_name,
             step_offset=self.step_offset, log_every=ctx.log_every, rec_weight=phase.rec_weight,
             pd_weight=phase.pd_weight, temperature=phase.temperature, pd_branch_drop=phase.pd_branch_drop,
-            suffix=suffix(gm, unit.output) if phase.pd_weight > 0 else None, drop_quantizers=tuple(acts))
+            suffix=suffix(gm, unit.output) if phase.pd_weight > 0 else None, drop_quantizers=tuple(acts),
+            round_optimizer=phase.round_optimizer, scale_optimizer=phase.scale_optimizer,
+            scale_scheduler=phase.scale_scheduler)
         trainable = bool(adarounds or scales)
         later = module.suffix if module.suffix is not None else torch.nn.Identity()
         try:
@@ -183,8 +190,7 @@ class ReconstructionEngine:
                 q.freeze_scale()
                 q.drop_prob, q.generator = 1.0, None
         t_end = time.time()
-        with torch.no_grad():
-            final = {k: round(v, 6) for k, v in module.last.items()}
+        final = {k: round(v, 6) for k, v in module.last.items()}
         self.step_offset += phase.iters if trainable else 0
         log.info("unit %d/%d %s: %s (cache %.1fs, act init %.1fs, fit %.1fs)", i + 1, n_units, unit.name,
                  " ".join(f"{k}={v:.4g}" for k, v in final.items()), t_cache - t0, t_init - t_cache, t_end - t_init)

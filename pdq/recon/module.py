@@ -3,7 +3,9 @@ variables, one Adam + cosine schedule for the activation scales, one backward pe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import lightning as L
 import torch
@@ -55,8 +57,12 @@ class UnitReconstruction(L.LightningModule):
                  scale_lr: float, round_weight: float, warmup: float, b_range: tuple[float, float],
                  mask_generator: torch.Generator, log_prefix: str, step_offset: int, log_every: int = 50,
                  rec_weight: float = 1.0, pd_weight: float = 0.0, temperature: float = 1.0,
-                 suffix: nn.Module | None = None, pd_branch_drop: bool = True, drop_quantizers: tuple = ()):
+                 suffix: nn.Module | None = None, pd_branch_drop: bool = True, drop_quantizers: tuple = (),
+                 round_optimizer: Callable | None = None, scale_optimizer: Callable | None = None,
+                 scale_scheduler: Callable | None = None):
         super().__init__()
+        self.round_optimizer, self.scale_optimizer, self.scale_scheduler = (round_optimizer, scale_optimizer,
+                                                                            scale_scheduler)
         self.unit = unit
         self.rec_weight, self.pd_weight, self.temperature = rec_weight, pd_weight, temperature
         self.suffix, self.pd_branch_drop, self.drop_quantizers = suffix, pd_branch_drop, drop_quantizers
@@ -73,22 +79,28 @@ class UnitReconstruction(L.LightningModule):
         self.last: dict[str, float] = {}
 
     def configure_optimizers(self):
+        """Optimisers from the phase's partials (`round_optimizer`, `scale_optimizer`, `scale_scheduler`);
+        without them the official choice: Adam for each, cosine annealing to 0 for the scales."""
         opts, scheds = [], []
         if len(self.adarounds):
-            opts.append(torch.optim.Adam([q.alpha for q in self.adarounds], lr=self.round_lr))
+            make = self.round_optimizer or partial(torch.optim.Adam, lr=self.round_lr)
+            opts.append(make([q.alpha for q in self.adarounds]))
         if len(self.scales):
-            opt = torch.optim.Adam(list(self.scales), lr=self.scale_lr)
+            opt = (self.scale_optimizer or partial(torch.optim.Adam, lr=self.scale_lr))(list(self.scales))
             opts.append(opt)
-            scheds.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.iters, eta_min=0.0))
+            sched = self.scale_scheduler or partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=self.iters,
+                                                    eta_min=0.0)
+            scheds.append(sched(opt))
         return opts, scheds
 
     def unit_input(self, idx: torch.Tensor) -> torch.Tensor:
+        """The unit input of a batch (caches may be float16/bfloat16; the unit computes in float32)."""
         c = self.caches
         if self.input_prob >= 1.0:
-            return c.x_q[idx]
+            return c.x_q[idx].float()
         if self.input_prob <= 0.0:
-            return c.x_fp[idx]
-        x_q, x_fp = c.x_q[idx], c.x_fp[idx]
+            return c.x_fp[idx].float()
+        x_q, x_fp = c.x_q[idx].float(), c.x_fp[idx].float()
         keep = torch.rand(x_q.shape, generator=self.mask_generator, device=x_q.device) < self.input_prob
         return torch.where(keep, x_q, x_fp)
 
@@ -110,15 +122,15 @@ class UnitReconstruction(L.LightningModule):
         out = out_q = None
         if use_pd and self.pd_branch_drop and self.rec_weight > 0:
             # PD-Quant: one forward of [mixed half ; quantized half], dropping on in both (spec §5.2)
-            out, out_q = self.unit(torch.cat([self.unit_input(idx), self.caches.x_q[idx]])).split(len(idx))
+            out, out_q = self.unit(torch.cat([self.unit_input(idx), self.caches.x_q[idx].float()])).split(len(idx))
         else:
             if self.rec_weight > 0:
                 out = self.unit(self.unit_input(idx))
             if use_pd:
-                x_q = self.caches.x_q[idx]
+                x_q = self.caches.x_q[idx].float()
                 out_q = self.unit(x_q) if self.pd_branch_drop else self.quantized_half(x_q)
         if out is not None:
-            terms["rec_loss"] = self.rec_weight * reconstruction_loss(out, self.caches.y_fp[idx], self.rec_p)
+            terms["rec_loss"] = self.rec_weight * reconstruction_loss(out, self.caches.y_fp[idx].float(), self.rec_p)
         if use_pd:
             t = self.temperature
             log_q = torch.log_softmax(self.suffix(out_q) / t, dim=1)
@@ -164,7 +176,7 @@ class UnitProgress(L.Callback):
     def on_train_start(self, trainer, pl_module):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=self.total, desc=self.desc, leave=False, dynamic_ncols=True)
+        self.bar = tqdm(total=self.total, desc=self.desc, leave=False, dynamic_ncols=True, disable=None)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.bar.update(1)
