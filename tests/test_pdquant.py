@@ -41,6 +41,22 @@ def test_fp_suffix_of_every_unit_gives_the_model_output(build, shape):
         assert out.grad is not None and out.grad.abs().sum() > 0  # gradients reach the unit output only
 
 
+@pytest.mark.parametrize("build,shape", ZOO[:2] + ZOO[4:5], ids=[b.__name__ for b, _ in ZOO[:2] + ZOO[4:5]])
+def test_unfolded_fp_twin_of_every_unit_matches_the_folded_unit(build, shape):
+    torch.manual_seed(0)
+    model = randomize_bn(build())
+    qm, fp_gm = quantize_model(model), fx.symbolic_trace(copy.deepcopy(model))
+    set_quant_state(qm, weight=False, act=False)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        for unit in find_units(qm):
+            inp = prefix(qm, unit.input)(x)
+            twin, bns = fp_twin(fp_gm, qm, unit)
+            ref = segment(qm, unit)(inp)
+            assert (twin(inp) - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item()), unit.name
+            assert len(bns) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in twin.modules())
+
+
 def pd_module(seg, rest, caches, **kw):
     return UnitReconstruction(seg, caches, iters=10, input_prob=1.0, rec_p=2.0, adarounds=[], scales=[], round_lr=0,
                               scale_lr=0, round_weight=0, warmup=0.2, b_range=(20, 2),

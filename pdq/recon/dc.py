@@ -41,8 +41,7 @@ def fp_twin(fp_gm: fx.GraphModule, gm: fx.GraphModule, unit: Unit) -> tuple[fx.G
     members = [n for n in fp_gm.graph.nodes if n.name in names]
     bns = []
     for n in fp_gm.graph.nodes:  # BatchNorms whose input is inside the unit (folded away in gm)
-        if n.op == "call_module" and isinstance(fp_gm.get_submodule(n.target), nn.modules.batchnorm._BatchNorm) \
-                and n.args and isinstance(n.args[0], fx.Node) and n.args[0].name in names:
+        if _is_bn(fp_gm, n) and isinstance(n.args[0], fx.Node) and n.args[0].name in names:
             members.append(n)
             names.add(n.name)
             bns.append(fp_gm.get_submodule(n.target))
@@ -50,14 +49,21 @@ def fp_twin(fp_gm: fx.GraphModule, gm: fx.GraphModule, unit: Unit) -> tuple[fx.G
     source = unit.input
     while source.name not in fp_nodes:  # an activation quantizer: step back to the value it quantizes
         source = source.args[0]
+    fp_source = fp_nodes[source.name]
+    while len(fp_source.users) == 1 and _is_bn(fp_gm, next(iter(fp_source.users))):
+        fp_source = next(iter(fp_source.users))  # a BatchNorm that folding removed from `gm`
     inside = set(members)
     outputs = [n for n in members if any(u not in inside for u in n.users)]
     graph = fx.Graph()
-    env = {fp_nodes[source.name]: graph.placeholder("x")}
+    env = {fp_source: graph.placeholder("x")}
     for n in members:
         env[n] = graph.node_copy(n, lambda a: env[a])
     graph.output(env[outputs[-1]] if outputs else env[members[-1]])
     return fx.GraphModule(fp_gm, graph, class_name="FPUnit"), bns
+
+
+def _is_bn(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm)
 
 
 def bn_statistics_loss(inputs: list[torch.Tensor], bns: list[nn.Module]) -> torch.Tensor:
