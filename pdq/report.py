@@ -51,7 +51,8 @@ def tables(results: list[dict]) -> str:
         for method, by_bits in sorted(methods.items()):
             runs = [r for rs in by_bits.values() for r in rs]
             ns = sorted({len(rs) for rs in by_bits.values()})
-            row = [summarize([r["quant_top1"] for r in by_bits[b]]) if b in by_bits else "–" for b in bits]
+            row = [summarize([r["quant_top1"] for r in by_bits[b]]) + (f" (n={len(by_bits[b])})" if len(ns) > 1 else "")
+                   if b in by_bits else "–" for b in bits]
             wall = statistics.mean(r["wall_s"] for r in runs)
             out.append(f"| {method} | " + " | ".join(row) + f" | {'/'.join(map(str, ns))} | {wall:.0f} |")
         out.append("")
