@@ -86,3 +86,19 @@ def test_logger_configs(make_cfg, name, tmp_path):
 @pytest.mark.parametrize("name", options("debug"))
 def test_debug_configs(make_cfg, name):
     assert make_cfg(f"debug={name}").calib.size < 1024
+
+
+def test_reconstruction_optimisers_come_from_config(make_cfg):
+    import torch
+
+    method = instantiate(make_cfg("method=qdrop", "method.round_lr=0.5", "method.iters=7").method)
+    phase = method.phases[0]
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = phase.round_optimizer([p])
+    assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["lr"] == 0.5
+    sched = phase.scale_scheduler(phase.scale_optimizer([p]))
+    assert isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR) and sched.T_max == 7
+    sgd = instantiate(make_cfg("method=adaround", "method.phases.0.round_optimizer._target_=torch.optim.SGD").method)
+    assert isinstance(sgd.phases[0].round_optimizer([p]), torch.optim.SGD)
+    brecq = instantiate(make_cfg("method=brecq", "method.act_iters=3").method)
+    assert brecq.phases[1].scale_scheduler(brecq.phases[1].scale_optimizer([p])).T_max == 3
