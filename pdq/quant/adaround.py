@@ -3,8 +3,6 @@ h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1), V initialised so that h
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -64,7 +62,3 @@ class LinearTempDecay:
             return self.start_b
         rel = (t - self.start_decay) / max(self.t_max - self.start_decay, 1)
         return self.end_b + (self.start_b - self.end_b) * max(0.0, 1 - rel)
-
-
-def is_valid_init(q: AdaRoundQuantizer) -> bool:
-    return math.isfinite(float(q.alpha.detach().abs().max()))
