@@ -25,9 +25,10 @@ class Reconstruction:
         return max(p.iters for p in self.phases)
 
     def quantize(self, qmodel: fx.GraphModule, calib: torch.Tensor, ctx: RunContext) -> list[dict]:
-        calibrate_weights(qmodel, self.weight_observer)
-        if ctx.resume_state is not None:
+        if ctx.resume_state is not None:  # the saved state holds the weight scales: no second search
             qmodel.load_state_dict(ctx.resume_state["state_dict"])
+        else:
+            calibrate_weights(qmodel, self.weight_observer)
         units = ReconstructionEngine(qmodel, calib, ctx, self.act_observer).run(self.phases)
         for q in act_quantizers(qmodel):  # e.g. AdaRound: activations are quantized after the weights
             q.enabled = True

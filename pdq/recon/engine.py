@@ -112,7 +112,7 @@ class ReconstructionEngine:
                 self.save(p, i)
         return self.summaries
 
-    def caches(self, unit: Unit, phase: Phase) -> tuple[Caches, dict]:
+    def caches(self, unit: Unit, seg: fx.GraphModule, phase: Phase) -> tuple[Caches, dict]:
         ctx, gm = self.ctx, self.gm
         pre = prefix(gm, unit.input)
         x_q = x_fp = None
@@ -127,7 +127,7 @@ class ReconstructionEngine:
             if phase.dc.enabled:
                 twin, bns = fp_twin(self.fp_graph(), gm, unit)
                 x_fp_full, dc_info = correct(twin, bns, x_fp_full, phase.dc)
-            y_fp = _run_batched(segment(gm, unit), x_fp_full, ctx.batch_size, ctx.device, ctx.cache_dtype)
+            y_fp = _run_batched(seg, x_fp_full, ctx.batch_size, ctx.device, ctx.cache_dtype)
         if phase.input_prob < 1:
             x_fp = x_fp_full
         logits = self.logits() if phase.pd_weight > 0 else None
@@ -136,9 +136,9 @@ class ReconstructionEngine:
     def reconstruct(self, p: int, i: int, n_units: int, unit: Unit, phase: Phase) -> dict:
         ctx, gm = self.ctx, self.gm
         t0 = time.time()
-        caches, dc_info = self.caches(unit, phase)
-        t_cache = time.time()
         seg = segment(gm, unit)
+        caches, dc_info = self.caches(unit, seg, phase)
+        t_cache = time.time()
         acts = [gm.get_submodule(n) for n in unit.act_quants(gm)]
         if phase.act_quant:
             x_init = (caches.x_q if caches.x_q is not None else caches.x_fp)[: ctx.act_init_size]

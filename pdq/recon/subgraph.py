@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from torch import fx
 
-from pdq.recon.units import Unit
+from pdq.recon.units import Unit, ancestors
 
 
 def _build(gm: fx.GraphModule, nodes: Iterable[fx.Node], inputs: list[fx.Node], output: fx.Node,
@@ -29,18 +29,8 @@ def _build(gm: fx.GraphModule, nodes: Iterable[fx.Node], inputs: list[fx.Node], 
     return fx.GraphModule(gm, graph, class_name=name)
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, todo = {node}, [node]
-    while todo:
-        for a in todo.pop().all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                todo.append(a)
-    return seen
-
-
 def prefix(gm: fx.GraphModule, node: fx.Node) -> fx.GraphModule:
-    needed = _ancestors(node)
+    needed = ancestors(node) | {node}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     body = [n for n in gm.graph.nodes if n in needed and n.op != "placeholder"]
     return _build(gm, body, placeholders, node, "Prefix")
@@ -55,7 +45,7 @@ def suffix(gm: fx.GraphModule, node: fx.Node) -> fx.GraphModule:
     nodes = list(gm.graph.nodes)
     after = nodes[nodes.index(node) + 1:]
     output = next(n for n in after if n.op == "output").args[0]
-    needed = _ancestors(output)
+    needed = ancestors(output) | {output}
     body = [n for n in after if n in needed and n.op != "output"]
     for n in body:
         for a in n.all_input_nodes:

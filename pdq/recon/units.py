@@ -11,6 +11,7 @@ outside any unit stay as glue between units.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import fx, nn
@@ -55,12 +56,12 @@ def _registered_block(node: fx.Node) -> str | None:
     return None
 
 
-def _ancestors(node: fx.Node, stop: int, order: dict[fx.Node, int]) -> set[fx.Node]:
+def ancestors(node: fx.Node, within: Callable[[fx.Node], bool] = lambda n: True) -> set[fx.Node]:
+    """Every node `node` depends on (not itself), walking back only through nodes accepted by `within`."""
     seen, todo = set(), [node]
     while todo:
-        n = todo.pop()
-        for a in n.all_input_nodes:
-            if a not in seen and order[a] >= stop:
+        for a in todo.pop().all_input_nodes:
+            if a not in seen and within(a):
                 seen.add(a)
                 todo.append(a)
     return seen
@@ -69,9 +70,9 @@ def _ancestors(node: fx.Node, stop: int, order: dict[fx.Node, int]) -> set[fx.No
 def _residual_region(add: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Node, set[fx.Node]]:
     """The fork point of `add`'s branches, and the nodes strictly between it and the add."""
     a, b = add.all_input_nodes[:2]
-    anc_a, anc_b = _ancestors(a, 0, order) | {a}, _ancestors(b, 0, order) | {b}
+    anc_a, anc_b = ancestors(a) | {a}, ancestors(b) | {b}
     fork = max(anc_a & anc_b, key=order.__getitem__)
-    return fork, {n for n in _ancestors(add, order[fork] + 1, order)} | {add}
+    return fork, ancestors(add, lambda n: order[n] > order[fork]) | {add}
 
 
 def find_units(gm: fx.GraphModule, pattern: str = "block") -> list[Unit]:
