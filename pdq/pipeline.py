@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from importlib.metadata import version
@@ -126,12 +128,34 @@ def close_logger(logger, ok: bool) -> None:
         wandb.finish(exit_code=0 if ok else 1)
 
 
+def fp_accuracy(cfg, model, test_loader, device) -> float:
+    """FP top-1, computed once per (model weights, data config) and kept in `paths.cache_dir` (null: no
+    cache), so that the jobs of a sweep do not re-evaluate the same float model."""
+    cache_dir = cfg.paths.get("cache_dir")
+    path = None
+    if cache_dir:
+        h = hashlib.sha256(json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True).encode())
+        h.update(str(len(test_loader.dataset)).encode())
+        for name, tensor in model.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        path = Path(cache_dir) / "fp_top1" / f"{h.hexdigest()[:32]}.json"
+        if path.is_file():
+            top1 = float(json.loads(path.read_text())["fp_top1"])
+            log.info("FP top-1: %.2f%% (cached in %s)", top1, path)
+            return top1
+    top1 = evaluate(model, test_loader, device, desc="FP eval")
+    log.info("FP top-1: %.2f%%", top1)
+    if path is not None:
+        atomic_write_json(path, {"fp_top1": top1, "model": cfg.model.name, "eval_images": len(test_loader.dataset)})
+    return top1
+
+
 def quantize_and_evaluate(cfg, layout, datamodule, model, method, logger, device, out_dir, resume_state) -> dict:
     log.info("model=%s data=%s method=%s W%dA%d layout=%s seed=%d device=%s", cfg.model.name,
              datamodule.name, method.name, layout.w_bits, layout.a_bits, layout.layout, cfg.seed, device)
     test_loader = datamodule.test_dataloader()
-    fp_top1 = evaluate(model, test_loader, device, desc="FP eval")
-    log.info("FP top-1: %.2f%%", fp_top1)
+    fp_top1 = fp_accuracy(cfg, model, test_loader, device)
 
     calib = datamodule.calibration_set(cfg.calib.size, cfg.seed)
     qmodel = quantize_model(model).to(device)

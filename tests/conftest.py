@@ -18,7 +18,8 @@ def make_cfg(tmp_path):
     def _make(*overrides: str):
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose("config", overrides=[f"paths.output_dir={tmp_path}", *overrides])
+            return compose("config", overrides=[f"paths.output_dir={tmp_path}",
+                                                 f"paths.cache_dir={tmp_path}/cache", *overrides])
     return _make
 
 

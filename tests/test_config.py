@@ -19,7 +19,7 @@ def options(group: str) -> list[str]:
 
 def test_default_config(make_cfg):
     cfg = make_cfg()
-    assert (cfg.model.name, cfg.method.name, cfg.quant.w_bits, cfg.quant.a_bits) == ("resnet20_fmnist", "rtn_mse", 4, 4)
+    assert (cfg.model.name, cfg.method.name, cfg.quant.w_bits, cfg.quant.a_bits) == ("resnet20_fmnist", "pdquant", 4, 4)
     assert cfg.calib.size == 1024 and cfg.calib.batch_size == 32
 
 
@@ -80,7 +80,7 @@ def test_logger_configs(make_cfg, name, tmp_path):
     else:  # wandb: offline, its run dir lands in the run's output dir
         runs = list((tmp_path / "wandb").glob("offline-run-*"))
         assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
-        assert logger.experiment.name == "resnet20_fmnist_rtn_mse_w4a4_s1005"
+        assert logger.experiment.name == "resnet20_fmnist_pdquant_w4a4_s1005"
 
 
 @pytest.mark.parametrize("name", options("debug"))
@@ -102,3 +102,29 @@ def test_reconstruction_optimisers_come_from_config(make_cfg):
     assert isinstance(sgd.phases[0].round_optimizer([p]), torch.optim.SGD)
     brecq = instantiate(make_cfg("method=brecq", "method.act_iters=3").method)
     assert brecq.phases[1].scale_scheduler(brecq.phases[1].scale_optimizer([p])).T_max == 3
+
+
+EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix(""))
+                     for p in (CONF / "experiment").rglob("*.yaml"))
+
+
+def test_experiment_grid_is_complete():
+    """Six paper models and the two reference models, each at W4A4, W2A4, W4A2 and W2A2."""
+    cells = [f"{w}" for w in ("w4a4", "w2a4", "w4a2", "w2a2")]
+    paper = ["resnet18_brecq", "resnet50_brecq", "mobilenetv2_brecq", "regnetx_600m", "regnetx_3200m", "mnasnet_x2"]
+    expected = {f"paper/{m}_{c}" for m in paper for c in cells}
+    expected |= {f"embedded/{m}_{c}" for m in ("resnet20_fmnist", "mobilenetv2_fmnist") for c in cells}
+    assert set(EXPERIMENTS) == expected
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_configs(make_cfg, name):
+    model, bits = name.split("/")[1].rsplit("_", 1)
+    cfg = make_cfg(f"experiment={name}", "data.root=/data/imagenet")
+    assert (cfg.model.name, cfg.method.name, f"w{cfg.quant.w_bits}a{cfg.quant.a_bits}") == (model, "pdquant", bits)
+    assert (cfg.calib.size, cfg.calib.batch_size, cfg.seed) == (1024, 32, 1005)
+    assert cfg.method.iters == cfg.model.ptq.iters == (20000 if name.startswith("paper/") else 200)
+    assert cfg.method.dc.lambda_c == cfg.model.ptq.lambda_c and cfg.method.temperature == cfg.model.ptq.temperature
+    assert cfg.data._target_.endswith("ImageNetDataModule" if name.startswith("paper/") else "FashionMNISTDataModule")
+    baseline = make_cfg(f"experiment={name}", "method=qdrop", "seed=3", "data.root=/data/imagenet")
+    assert (baseline.method.name, baseline.model.name, baseline.seed) == ("qdrop", model, 3)

@@ -27,6 +27,54 @@ def test_cli_small_run_writes_results(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
 
 
+def test_cli_default_is_pdquant_and_logs_pd_terms(tmp_path):
+    """`python run.py` (PD-Quant W4A4 on resnet20_fmnist) with a tiny iteration count: every reconstructed
+    unit reports its PD, reconstruction and rounding losses, and the BN units their DC loss before/after."""
+    proc = run_cli("debug=fast", "method.iters=3", "method.dc.steps=3", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert (res["method"], res["w_bits"], res["a_bits"], res["iters"]) == ("pdquant", 4, 4, 3)
+    assert len(res["units"]) == 11  # stem, 9 residual blocks, classifier
+    for unit in res["units"]:
+        assert {"pd_loss", "rec_loss", "round_loss"} <= unit.keys() and unit["iters"] == 3
+    *bn_units, head = res["units"]  # DC corrects every unit with BatchNorms; the classifier has none
+    assert all(u["dc_loss_after"] < u["dc_loss_before"] for u in bn_units) and "dc_loss_before" not in head
+    header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0]
+    for key in ("pd_loss", "rec_loss", "round_loss", "dc_loss_before", "dc_loss_after"):
+        assert f"u01_layer1.0/{key}" in header
+
+
+def test_fp_accuracy_is_cached_per_weights_and_data(make_cfg, tmp_path, caplog):
+    from pdq.models import build_model
+    from pdq.pipeline import fp_accuracy
+
+    cfg = make_cfg("data.eval_subset=300")
+    dm = instantiate_data(cfg)
+    model = build_model("resnet20_fmnist")
+    first = fp_accuracy(cfg, model, dm.test_dataloader(), torch.device("cpu"))
+    files = list((tmp_path / "cache" / "fp_top1").glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["fp_top1"] == first
+    json_text = files[0].read_text().replace(str(first), "12.5")  # a cache hit returns the stored figure
+    files[0].write_text(json_text)
+    assert fp_accuracy(cfg, model, dm.test_dataloader(), torch.device("cpu")) == 12.5
+    with torch.no_grad():
+        model.fc.bias.add_(1.0)  # other weights: another entry
+    assert fp_accuracy(cfg, model, dm.test_dataloader(), torch.device("cpu")) != 12.5
+    assert len(list((tmp_path / "cache" / "fp_top1").glob("*.json"))) == 2
+    other = make_cfg("data.eval_subset=200")  # other data config: another entry
+    fp_accuracy(other, model, instantiate_data(other).test_dataloader(), torch.device("cpu"))
+    assert len(list((tmp_path / "cache" / "fp_top1").glob("*.json"))) == 3
+
+
+def instantiate_data(cfg):
+    from hydra.utils import instantiate
+
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
 @pytest.mark.parametrize("model", ["resnet20_fmnist", "mobilenetv2_fmnist"])
 def test_w8a8_rtn_within_one_point_of_fp(make_cfg, model):
     res = run(make_cfg(f"model={model}", "method=rtn_minmax", "quant=w8a8", "calib.size=256", "logger=none"))

@@ -109,7 +109,7 @@ def build_model(name: str, checkpoint: str | None = None, weights: str | None = 
         elif checkpoint is not None:
             _load_into(model, load_state_dict(checkpoint), f"model.checkpoint={checkpoint!r}")
         elif pretrained:
-            raise PdqError(f"model={name} has no bundled weights: set model.checkpoint=PATH")
+            raise PdqError(f"model={name} needs trained weights (none are bundled): set model.checkpoint=PATH")
         return model.eval()
     if weights and checkpoint:
         raise PdqError("set either model.weights or model.checkpoint, not both")

@@ -125,8 +125,10 @@ class ReconstructionEngine:
         with full_precision(gm):
             x_fp_full = _run_batched(pre, self.calib, ctx.batch_size, ctx.device, ctx.cache_dtype)
             if phase.dc.enabled:
+                t_dc = time.time()
                 twin, bns = fp_twin(self.fp_graph(), gm, unit)
                 x_fp_full, dc_info = correct(twin, bns, x_fp_full, phase.dc)
+                dc_info["dc_s"] = round(time.time() - t_dc, 3)
             y_fp = _run_batched(seg, x_fp_full, ctx.batch_size, ctx.device, ctx.cache_dtype)
         if phase.input_prob < 1:
             x_fp = x_fp_full
@@ -139,6 +141,10 @@ class ReconstructionEngine:
         seg = segment(gm, unit)
         caches, dc_info = self.caches(unit, seg, phase)
         t_cache = time.time()
+        prefix_name = f"p{p}_u{i:02d}_{unit.name}" if p else f"u{i:02d}_{unit.name}"
+        if "dc_loss_before" in dc_info and ctx.logger is not None:  # logged at the unit's first step
+            ctx.logger.log_metrics({f"{prefix_name}/{k}": v for k, v in dc_info.items() if k.startswith("dc_loss")},
+                                   step=self.step_offset)
         acts = [gm.get_submodule(n) for n in unit.act_quants(gm)]
         if phase.act_quant:
             x_init = (caches.x_q if caches.x_q is not None else caches.x_fp)[: ctx.act_init_size]
@@ -158,7 +164,6 @@ class ReconstructionEngine:
         mask_gen = torch.Generator(device=ctx.device).manual_seed(stream_seed(ctx.seed, p, i, 1))
         for q in acts:
             q.drop_prob, q.generator = phase.drop_prob, mask_gen
-        prefix_name = f"p{p}_u{i:02d}_{unit.name}" if p else f"u{i:02d}_{unit.name}"
         module = UnitReconstruction(
             seg, caches, iters=phase.iters, input_prob=phase.input_prob, rec_p=phase.rec_p, adarounds=adarounds,
             scales=scales, round_lr=phase.round_lr, scale_lr=phase.scale_lr, round_weight=phase.round_weight,
