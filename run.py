@@ -7,6 +7,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+import pdq  # noqa: F401  (registers pdq's config resolvers before Hydra composes)
+
 os.environ.setdefault("WANDB_MODE", "offline")
 log = logging.getLogger("pdq")
 

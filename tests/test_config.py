@@ -4,6 +4,8 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from torch import nn
 
 from pdq.errors import PdqError, instantiate
@@ -128,3 +130,26 @@ def test_experiment_configs(make_cfg, name):
     assert cfg.data._target_.endswith("ImageNetDataModule" if name.startswith("paper/") else "FashionMNISTDataModule")
     baseline = make_cfg(f"experiment={name}", "method=qdrop", "seed=3", "data.root=/data/imagenet")
     assert (baseline.method.name, baseline.model.name, baseline.seed) == ("qdrop", model, 3)
+
+
+def test_wandb_group_is_the_sweep_dir_in_a_multirun(make_cfg, monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    cfg = make_cfg("logger=wandb", "method=qdrop", "quant=w2a2", "seed=4")
+    assert cfg.logger.group == "resnet20_fmnist_qdrop_w2a2"  # a single run
+    assert list(cfg.logger.tags) == ["resnet20_fmnist", "qdrop", "w2a2", "seed4"]
+    job = OmegaConf.create({"mode": RunMode.MULTIRUN, "runtime": {"output_dir": "/w/outputs/multiruns/d/t/3_job",
+                                                                  "cwd": "/w"}})
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: job))
+    assert cfg.logger.group == "outputs/multiruns/d/t"  # every job of the sweep: one group
+
+
+@pytest.mark.parametrize("name,target", [("joblib", "JoblibLauncher"), ("slurm", "SlurmLauncher")])
+def test_launcher_configs(name, target):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"launcher={name}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)

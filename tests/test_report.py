@@ -1,29 +1,171 @@
+import configparser
+import csv
 import json
+import os
+import shutil
 import statistics
+import subprocess
+import sys
 
-from pdq.report import collect, main, tables
+import pytest
+
+from pdq.report import by_model, collect, main, read_curves
+from tests.conftest import ROOT, run_cli
+
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def write_job(root, name, **res):
+def write_job(root, name, method_cfg=None, **res):
     job = root / name
     (job / ".hydra").mkdir(parents=True)
     if res:
         base = {"model": "m", "method": "qdrop", "w_bits": 2, "a_bits": 4, "fp_top1": 90.0, "iters": 5,
-                "wall_s": 10.0, "eval_images": 100}
+                "calib_size": 256, "wall_s": 10.0, "eval_images": 100}
+        if method_cfg is not None:
+            base["config"] = {"method": method_cfg}
         (job / "results.json").write_text(json.dumps(base | res))
     return job
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def section(text, title):
+    """The lines of Markdown section `## title` (up to the next `## `)."""
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
 
 
 def test_cells_are_mean_and_std_over_seeds_and_missing_jobs_are_listed(tmp_path, capsys):
     for i, top1 in enumerate([50.0, 52.0, 57.0]):
         write_job(tmp_path, f"{i}", quant_top1=top1, seed=i)
-    write_job(tmp_path, "3", quant_top1=70.0, seed=0, method="rtn_mse")
+    write_job(tmp_path, "3", quant_top1=70.0, seed=0, method="rtn_mse", iters=0)
     failed = write_job(tmp_path, "4")
-    results, missing = collect([tmp_path])
-    assert len(results) == 4 and missing == [failed]
-    text = tables(results)
+    results, missing = collect([tmp_path, tmp_path / "0"])  # overlapping dirs: each job once
+    assert len(results) == 4 and missing == [failed.resolve()]
+    text = by_model(results)
     mean, std = statistics.mean([50, 52, 57]), statistics.stdev([50, 52, 57])
     assert f"| qdrop | {mean:.2f} ± {std:.2f} | 3 | 10 |" in text
     assert "| rtn_mse | 70.00 | 1 | 10 |" in text
-    main([str(tmp_path)])
-    assert str(failed) in capsys.readouterr().out
+
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert text in out and str(failed) in out
+    report = tmp_path / "report"
+    table = (report / "table.md").read_text()
+    assert f"| qdrop | {mean:.2f}±{std:.2f} (n=3) |" in section(table, "W2A4")
+    assert str(failed) in section(table, "Missing or failed runs")
+    assert (report / "by_model.md").read_text() == text
+    assert (report / "table1.md").exists() and "| rtn_mse | 70.00 (n=1) |" in (report / "table1.md").read_text()
+    assert not (report / "ablation.md").exists()  # no ablation methods besides qdrop
+    assert not [p for p in report.iterdir() if p.name.startswith(".")]  # no temp files left by atomic writes
+
+
+def test_runs_with_different_iters_or_calib_are_separate_labelled_rows(tmp_path):
+    write_job(tmp_path, "a", quant_top1=60.0, seed=1, iters=100)
+    write_job(tmp_path, "b", quant_top1=62.0, seed=2, iters=100)
+    write_job(tmp_path, "c", quant_top1=70.0, seed=1, iters=200)
+    write_job(tmp_path, "d", quant_top1=80.0, seed=1, iters=100, calib_size=1024)
+    write_job(tmp_path, "e", quant_top1=50.0, seed=1, method="rtn_mse", iters=0)
+    main([str(tmp_path), "--out", str(tmp_path / "rep")])
+    table = section((tmp_path / "rep" / "table.md").read_text(), "W2A4")
+    assert f"| qdrop (100 it, 256 calib) | 61.00±{statistics.stdev([60, 62]):.2f} (n=2) |" in table
+    assert "| qdrop (200 it, 256 calib) | 70.00 (n=1) |" in table
+    assert "| qdrop (100 it, 1024 calib) | 80.00 (n=1) |" in table
+    assert "| rtn_mse | 50.00 (n=1) |" in table  # unambiguous methods keep their plain name
+    rows = read_csv(tmp_path / "rep" / "table.csv")
+    assert sorted((r["method"], r["iters"], r["calib_size"], r["n"]) for r in rows) == [
+        ("qdrop", "100", "1024", "1"), ("qdrop", "100", "256", "2"), ("qdrop", "200", "256", "1"),
+        ("rtn_mse", "0", "256", "1")]
+
+
+def qcfg(pd_weight, rec_weight, dc):
+    return {"name": "x", "pd_weight": pd_weight, "rec_weight": rec_weight, "dc": {"enabled": dc, "steps": 5}}
+
+
+def test_ablation_marks_come_from_configs_and_small_differences_are_no_separation(tmp_path):
+    runs = {  # method: (config, top-1 per seed)
+        "qdrop": (qcfg(0.0, 1.0, False), [60.0, 62.0, 64.0]),     # std 2
+        "pd_only": (qcfg(10.0, 0.0, False), [61.0, 63.0, 65.0]),  # +1 < 2: no separation
+        "pdquant": (qcfg(10.0, 1.0, True), [70.0, 71.0, 72.0]),   # +9
+        "pd_reg": (qcfg(10.0, 1.0, True), [64.0, 65.0, 66.0]),    # named pd_reg but its config enables DC; +3
+    }
+    for method, (cfg, tops) in runs.items():
+        for seed, top1 in enumerate(tops):
+            write_job(tmp_path, f"{method}_{seed}", cfg, method=method, quant_top1=top1, seed=seed, a_bits=2)
+    main([str(tmp_path), "--out", str(tmp_path / "rep")])
+    text = (tmp_path / "rep" / "ablation.md").read_text()
+    table, delta = text.split("## Δ vs qdrop")
+    assert "| method | PD | Reg | DC | m W2A2 |" in table
+    assert "| qdrop | – | ✓ | – | 62.00±2.00 (n=3) |" in table
+    assert "| pd_only | ✓ | – | – | 63.00±2.00 (n=3) |" in table
+    assert "| pd_reg | ✓ | ✓ | ✓ | 65.00±1.00 (n=3) |" in table
+    assert "| pdquant | ✓ | ✓ | ✓ | 71.00±1.00 (n=3) |" in table
+    rows = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines() if line.startswith("| ") and "✓" in line]
+    assert rows == ["qdrop", "pd_only", "pd_reg", "pdquant"]  # the paper's order
+    assert "| pd_only | +1.00, no separation (std 2.00) |" in delta
+    assert "| pd_reg | +3.00 |" in delta
+    assert "| pdquant | +9.00 |" in delta
+    assert "qdrop |" not in delta.split("|---|", 1)[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_multirun(tmp_path_factory):
+    """A real 4-job sweep: rtn_minmax and qdrop (2 iterations per unit), seeds 1 and 2, 200 test images."""
+    tmp = tmp_path_factory.mktemp("report")
+    sweep = tmp / "sweep"
+    proc = run_cli("-m", "method=rtn_minmax,qdrop", "seed=1,2", "model.ptq.iters=2", "calib.size=64",
+                   "calib.act_init_size=32", "data.eval_subset=200", "logger=csv", f"hydra.sweep.dir={sweep}",
+                   f"paths.cache_dir={tmp / 'cache'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p.parent for p in sweep.glob("*/results.json"))
+    assert len(jobs) == 4
+    return tmp, sweep, jobs
+
+
+def test_real_multirun_table_cells_plots_and_failed_job(tiny_multirun, capsys):
+    tmp, sweep, jobs = tiny_multirun
+    other = tmp / "other"
+    failed = other / "0_resnet20_fmnist_qdrop_w4a4_s3"  # a job that died before writing results.json
+    shutil.copytree(jobs[0] / ".hydra", failed / ".hydra")
+    qdrop_job = next(j for j in jobs if "qdrop" in j.name)
+    out = tmp / "rep"
+    assert main([str(sweep), str(other), "--out", str(out), "--curves", str(qdrop_job)]) == 0
+    stdout = capsys.readouterr().out
+    assert "Missing or failed runs" in stdout and str(failed.resolve()) in stdout
+
+    results = [json.loads((j / "results.json").read_text()) for j in jobs]
+    table = (out / "table.md").read_text()
+    assert str(failed.resolve()) in section(table, "Missing or failed runs")
+    rows = {r["method"]: r for r in read_csv(out / "table.csv")}
+    assert set(rows) == {"rtn_minmax", "qdrop"}
+    for method in rows:
+        tops = [r["quant_top1"] for r in results if r["method"] == method]
+        mean, std = statistics.mean(tops), statistics.stdev(tops)
+        assert f"| {method} | {mean:.2f}±{std:.2f} (n=2) |" in section(table, "W4A4")
+        row = rows[method]
+        assert float(row["mean"]) == pytest.approx(mean) and float(row["std"]) == pytest.approx(std)
+        assert (row["bits"], row["model"], row["n"], row["seeds"]) == ("W4A4", "resnet20_fmnist", "2", "1;2")
+        assert row["calib_size"] == "64" and row["iters"] == ("2" if method == "qdrop" else "0")
+    assert "| rtn_minmax | " in (out / "table1.md").read_text()
+
+    curves = read_curves(qdrop_job / "csv" / "metrics.csv")
+    units = json.loads((qdrop_job / "results.json").read_text())["units"]
+    assert [name for _, name in sorted(curves["loss"])] == [u["name"] for u in units]
+    for png in (out / "top1.png", out / f"curves_{qdrop_job.name}.png"):
+        data = png.read_bytes()
+        assert data[:8] == PNG and len(data) > 5000
+
+
+def test_console_script_and_module_entry_point(tmp_path):
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    assert "pdq-report = pdq.report:main" in cfg["options.entry_points"]["console_scripts"]
+    assert "matplotlib" in cfg["options"]["install_requires"].split()
+    write_job(tmp_path, "0", quant_top1=50.0, seed=0)
+    proc = subprocess.run([sys.executable, "-m", "pdq.report", str(tmp_path), "--layout", "paper"], cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("# Quantized top-1 (%)") and "| qdrop | 50.00 (n=1) |" in proc.stdout
+    assert (tmp_path / "report" / "top1.png").read_bytes()[:8] == PNG

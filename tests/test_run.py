@@ -114,6 +114,8 @@ BAD_VALUES = [
     (["model.checkpoint=/nonexistent.pt"], "model.checkpoint='/nonexistent.pt' does not exist", "accepted"),
     (["model.checkpoint={corrupt}"], "is corrupt or not a PyTorch checkpoint", "broken.pt"),
     (["model=resnet18"], "model=resnet18 needs trained weights", "model.checkpoint=PATH"),
+    (["method=rtn_mse", "++method.iters=2"], "iters=2 is not a setting of rtn_mse",
+     "accepted: name, weight_observer, act_observer"),
 ]
 
 
@@ -127,3 +129,12 @@ def test_bad_values_fail_fast_with_clear_message(overrides, message, accepted, c
     assert "Traceback" not in out
     assert not (tmp_path / "results.json").exists()
     assert "FP top-1" not in out  # stopped before any evaluation
+
+
+def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
+    proc = run_cli("-m", "launcher=joblib", "hydra.launcher.n_jobs=2", "method=rtn_minmax,rtn_mse", "calib.size=64",
+                   "calib.act_init_size=32", "data.eval_subset=200", "logger=none", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = sorted(tmp_path.glob("*/results.json"))
+    assert [json.loads(p.read_text())["method"] for p in jobs] == ["rtn_minmax", "rtn_mse"]
+    assert "Joblib" in (tmp_path / "multirun.yaml").read_text()

@@ -77,13 +77,18 @@ def bn_statistics_loss(inputs: list[torch.Tensor], bns: list[nn.Module]) -> torc
     return loss
 
 
-def correct(unit_fp: nn.Module, bns: list[nn.Module], x_fp: torch.Tensor, cfg: DCConfig) -> tuple[torch.Tensor, dict]:
+def correct(unit_fp: nn.Module, bns: list[nn.Module], x_fp: torch.Tensor, cfg: DCConfig,
+            desc: str = "DC") -> tuple[torch.Tensor, dict]:
     """DC-corrected copy of `x_fp` (same shape, same device), and the BN-statistic loss before/after."""
     if not bns or not cfg.enabled or cfg.steps <= 0:
         return x_fp, {}
+    from tqdm.auto import tqdm
+
     captured: list[torch.Tensor] = []
     hooks = [bn.register_forward_pre_hook(lambda m, args: captured.append(args[0])) for bn in bns]
     out, before, after = [], 0.0, 0.0
+    bar = tqdm(total=cfg.steps * -(-len(x_fp) // cfg.chunk), desc=desc, leave=False, dynamic_ncols=True,
+               disable=None)
     try:
         for start in range(0, len(x_fp), cfg.chunk):
             target = x_fp[start:start + cfg.chunk].float()
@@ -105,8 +110,10 @@ def correct(unit_fp: nn.Module, bns: list[nn.Module], x_fp: torch.Tensor, cfg: D
                 loss.backward()
                 opt.step()
                 plateau.step(loss.item())
+                bar.update(1)
             out.append(x.detach().to(x_fp.dtype))
     finally:
+        bar.close()
         for h in hooks:
             h.remove()
     n = len(x_fp)

@@ -127,7 +127,7 @@ class ReconstructionEngine:
             if phase.dc.enabled:
                 t_dc = time.time()
                 twin, bns = fp_twin(self.fp_graph(), gm, unit)
-                x_fp_full, dc_info = correct(twin, bns, x_fp_full, phase.dc)
+                x_fp_full, dc_info = correct(twin, bns, x_fp_full, phase.dc, desc=f"DC {unit.name}")
                 dc_info["dc_s"] = round(time.time() - t_dc, 3)
             y_fp = _run_batched(seg, x_fp_full, ctx.batch_size, ctx.device, ctx.cache_dtype)
         if phase.input_prob < 1:
