@@ -187,3 +187,40 @@ def test_w2a4_reconstruction_beats_round_to_nearest(make_cfg, tmp_path):
     rtn = run(make_cfg(*common, "method=rtn_mse", f"paths.output_dir={tmp_path / 'rtn'}"))
     rec = run(make_cfg(*common, "method=qdrop", "method.iters=150", f"paths.output_dir={tmp_path / 'rec'}"))
     assert rec["quant_top1"] > rtn["quant_top1"] + 1.0, (rec["quant_top1"], rtn["quant_top1"])
+
+
+def test_fp_path_ignores_rounding_written_into_finished_units():
+    """Hardening writes the rounded weights of a finished unit into the quantized graph; the FP inputs and
+    targets of later units (and the logits) must still come from the float model."""
+    from pdq.context import RunContext
+    from pdq.models import build_model
+    from pdq.quant import LpObserver, quantize_model
+    from pdq.quant.state import calibrate_activations, calibrate_weights, full_precision, set_quant_state
+    from pdq.recon.engine import Phase, ReconstructionEngine
+    from pdq.recon.subgraph import prefix
+    from pdq.recon.units import find_units
+
+    torch.manual_seed(0)
+    model = build_model("resnet20_fmnist")
+    gm = quantize_model(model)
+    calibrate_weights(gm, MinMaxObserver())
+    set_quant_state(gm, weight=True, act=True)
+    calib = torch.randn(16, 1, 28, 28)
+    calibrate_activations(gm, calib, MinMaxObserver())
+    engine = ReconstructionEngine(gm, calib, RunContext(device=torch.device("cpu"), batch_size=8, fp_model=model),
+                                  LpObserver())
+    units = find_units(gm, "block")
+    phase = Phase(input_prob=0.5, pd_weight=1.0)
+    before, _ = engine.caches(units[3], phase)
+    with torch.no_grad():
+        for name in units[1].layers(gm):  # a finished unit: its weights now hold something else
+            gm.get_submodule(name).weight.mul_(-2.0)
+    after, _ = engine.caches(units[3], phase)
+    assert torch.equal(before.x_fp, after.x_fp) and torch.equal(before.y_fp, after.y_fp)
+    assert torch.equal(before.logits, after.logits)
+    assert not torch.allclose(before.x_q, after.x_q)  # the quantized path does see the finished unit
+    fresh = quantize_model(model)
+    with torch.no_grad(), full_precision(fresh):  # and the FP path is the float model's own activation
+        reference = prefix(fresh, next(n for n in fresh.graph.nodes if n.name == units[3].input.name))(calib)
+    torch.testing.assert_close(after.x_fp, reference, rtol=0, atol=0)
+    torch.testing.assert_close(after.logits, model.eval()(calib), rtol=1e-4, atol=1e-4)

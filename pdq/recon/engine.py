@@ -25,8 +25,9 @@ from torch import fx
 from pdq.context import RunContext, stream_seed
 from pdq.io import atomic_torch_save
 from pdq.quant.adaround import AdaRoundQuantizer
+from pdq.quant.graph import quantize_model
 from pdq.quant.observers import Observer
-from pdq.quant.state import act_quantizers, calibrate_activations, full_precision
+from pdq.quant.state import act_quantizers, calibrate_activations, full_precision, set_quant_state
 from pdq.recon.dc import DCConfig, correct, fp_twin
 from pdq.recon.module import Caches, UnitProgress, UnitReconstruction, loader
 from pdq.recon.subgraph import prefix, segment, suffix
@@ -82,23 +83,43 @@ class ReconstructionEngine:
         self.summaries: list[dict] = list((ctx.resume_state or {}).get("units", []))
         self.done: set[tuple[int, int]] = {(s["phase"], s["index"]) for s in self.summaries}
         self.step_offset = sum(s["iters"] for s in self.summaries)
+        if ctx.fp_model is None:
+            raise ValueError("reconstruction needs the float model (RunContext.fp_model)")
         self._logits: torch.Tensor | None = None
         self._fp_graph: fx.GraphModule | None = None
+        self._fp_folded: fx.GraphModule | None = None
 
     def logits(self) -> torch.Tensor:
         """FP network logits on the (uncorrected) calibration images, computed once."""
         if self._logits is None:
-            with full_precision(self.gm):
-                self._logits = _run_batched(self.gm, self.calib, self.ctx.batch_size, self.ctx.device, torch.float32)
+            self._logits = _run_batched(self.fp_folded(), self.calib, self.ctx.batch_size, self.ctx.device,
+                                        torch.float32)
         return self._logits
 
     def fp_graph(self) -> fx.GraphModule:
         """The unfolded FP model as a graph (DC needs its BatchNorms)."""
         if self._fp_graph is None:
-            if self.ctx.fp_model is None:
-                raise ValueError("Distribution Correction needs the float model (RunContext.fp_model)")
             self._fp_graph = fx.symbolic_trace(self.ctx.fp_model).to(self.ctx.device).eval()
         return self._fp_graph
+
+    def fp_folded(self) -> fx.GraphModule:
+        """The FP path: the BN-folded float model with `gm`'s node names and every quantizer off. `gm` under
+        `full_precision` is not it: hardening writes the rounded weights of finished units into `gm`, and
+        the FP inputs and targets of later units must come from the original weights (as in the official
+        codes, which keep `org_weight`)."""
+        if self._fp_folded is None:
+            fp = quantize_model(self.ctx.fp_model).to(self.ctx.device).eval()
+            set_quant_state(fp, weight=False, act=False)
+            self._fp_folded = fp
+        return self._fp_folded
+
+    def fp_pieces(self, unit: Unit) -> tuple[fx.GraphModule, fx.GraphModule]:
+        """(prefix, segment) of the FP path for `unit`, matched to `gm`'s unit by node name."""
+        fp = self.fp_folded()
+        nodes = {n.name: n for n in fp.graph.nodes}
+        twin = Unit(unit.name, unit.kind, [nodes[n.name] for n in unit.nodes], nodes[unit.input.name],
+                    nodes[unit.output.name])
+        return prefix(fp, twin.input), segment(fp, twin)
 
     def run(self, phases: list[Phase]) -> list[dict]:
         for p, phase in enumerate(phases):
@@ -112,7 +133,7 @@ class ReconstructionEngine:
                 self.save(p, i)
         return self.summaries
 
-    def caches(self, unit: Unit, seg: fx.GraphModule, phase: Phase) -> tuple[Caches, dict]:
+    def caches(self, unit: Unit, phase: Phase) -> tuple[Caches, dict]:
         ctx, gm = self.ctx, self.gm
         pre = prefix(gm, unit.input)
         x_q = x_fp = None
@@ -122,14 +143,14 @@ class ReconstructionEngine:
                                       only_uninitialized=True)
             x_q = _run_batched(pre, self.calib, ctx.batch_size, ctx.device, ctx.cache_dtype)
         dc_info: dict = {}
-        with full_precision(gm):
-            x_fp_full = _run_batched(pre, self.calib, ctx.batch_size, ctx.device, ctx.cache_dtype)
-            if phase.dc.enabled:
-                t_dc = time.time()
-                twin, bns = fp_twin(self.fp_graph(), gm, unit)
-                x_fp_full, dc_info = correct(twin, bns, x_fp_full, phase.dc, desc=f"DC {unit.name}")
-                dc_info["dc_s"] = round(time.time() - t_dc, 3)
-            y_fp = _run_batched(seg, x_fp_full, ctx.batch_size, ctx.device, ctx.cache_dtype)
+        fp_pre, fp_seg = self.fp_pieces(unit)
+        x_fp_full = _run_batched(fp_pre, self.calib, ctx.batch_size, ctx.device, ctx.cache_dtype)
+        if phase.dc.enabled:
+            t_dc = time.time()
+            twin, bns = fp_twin(self.fp_graph(), gm, unit)
+            x_fp_full, dc_info = correct(twin, bns, x_fp_full, phase.dc, desc=f"DC {unit.name}")
+            dc_info["dc_s"] = round(time.time() - t_dc, 3)
+        y_fp = _run_batched(fp_seg, x_fp_full, ctx.batch_size, ctx.device, ctx.cache_dtype)
         if phase.input_prob < 1:
             x_fp = x_fp_full
         logits = self.logits() if phase.pd_weight > 0 else None
@@ -139,7 +160,7 @@ class ReconstructionEngine:
         ctx, gm = self.ctx, self.gm
         t0 = time.time()
         seg = segment(gm, unit)
-        caches, dc_info = self.caches(unit, seg, phase)
+        caches, dc_info = self.caches(unit, phase)
         t_cache = time.time()
         prefix_name = f"p{p}_u{i:02d}_{unit.name}" if p else f"u{i:02d}_{unit.name}"
         if "dc_loss_before" in dc_info and ctx.logger is not None:  # logged at the unit's first step
