@@ -92,19 +92,48 @@ def settings(r: dict) -> tuple:
     return (r.get("iters", "?"), r.get("calib_size", "?"), r.get("eval_images", "?"))
 
 
+def method_settings(r: dict) -> dict[str, str]:
+    """The run's top-level method keys (`dc.chunk`, `round_lr`, ...) as flat strings; `phases` is left out
+    (it repeats them) and so are `name` and `iters` (in the label already)."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            flat[prefix] = json.dumps(value, sort_keys=True)
+
+    method = dict((r.get("config") or {}).get("method") or {})
+    for key in ("phases", "name", "iters"):
+        method.pop(key, None)
+    walk("", method)
+    return flat
+
+
 def label_runs(results: list[dict]) -> None:
-    """Set `_label` on every run: the method name, plus its settings where one method has several."""
+    """Set `_label` on every run: the method name, plus its settings where one method has several, plus
+    the method keys whose values differ between runs of one method (e.g. `pdquant [dc.chunk=32]`), so
+    that runs with other method settings are never averaged together."""
     variants: dict[str, set] = defaultdict(set)
+    keys: dict[tuple, dict[str, set]] = defaultdict(lambda: defaultdict(set))
     for r in results:
         variants[r["method"]].add(settings(r))
+        for k, v in method_settings(r).items():  # per model: the per-model settings differ by design
+            keys[(r["method"], r["model"])][k].add(v)
     for r in results:
         vs = variants[r["method"]]
-        if len(vs) == 1:
-            r["_label"] = r["method"]
-            continue
-        iters, calib, evals = settings(r)
-        extra = f", {evals} eval" if len({v[2] for v in vs}) > 1 else ""
-        r["_label"] = f"{r['method']} ({iters} it, {calib} calib{extra})"
+        label = r["method"]
+        if len(vs) > 1:
+            iters, calib, evals = settings(r)
+            extra = f", {evals} eval" if len({v[2] for v in vs}) > 1 else ""
+            label = f"{label} ({iters} it, {calib} calib{extra})"
+        mine = method_settings(r)
+        differing = sorted(k for k, values in keys[(r["method"], r["model"])].items()
+                           if len(values) > 1 or k not in mine)
+        if differing:
+            label += " [" + ", ".join(f"{k}={json.loads(mine[k]) if k in mine else '–'}" for k in differing) + "]"
+        r["_label"] = label
 
 
 def method_key(method: str) -> tuple:

@@ -80,6 +80,21 @@ def test_runs_with_different_iters_or_calib_are_separate_labelled_rows(tmp_path)
         ("rtn_mse", "0", "256", "1")]
 
 
+def test_runs_with_other_method_settings_are_separate_rows(tmp_path):
+    """Same method, iterations and calibration, but another `dc.chunk`: two rows, never one average;
+    settings that differ only between models (per-model `ptq:` values) do not split rows."""
+    for i, (chunk, top1) in enumerate([(1024, 86.0), (1024, 86.4), (32, 80.0)]):
+        write_job(tmp_path, f"r{i}", {"name": "pdquant", "iters": 5, "dc": {"chunk": chunk, "lambda_c": 0.02}},
+                  quant_top1=top1, seed=i, method="pdquant")
+    write_job(tmp_path, "other_model", {"name": "pdquant", "iters": 5, "dc": {"chunk": 1024, "lambda_c": 0.005}},
+              quant_top1=50.0, seed=0, method="pdquant", model="m2")
+    main([str(tmp_path), "--out", str(tmp_path / "rep")])
+    text = (tmp_path / "rep" / "by_model.md").read_text()
+    assert f"| pdquant [dc.chunk=1024] | 86.20 ± {statistics.stdev([86.0, 86.4]):.2f} | 2 |" in text
+    assert "| pdquant [dc.chunk=32] | 80.00 | 1 |" in text
+    assert "| pdquant | 50.00 | 1 |" in text  # model m2: one setting, plain name
+
+
 def qcfg(pd_weight, rec_weight, dc):
     return {"name": "x", "pd_weight": pd_weight, "rec_weight": rec_weight, "dc": {"enabled": dc, "steps": 5}}
 
