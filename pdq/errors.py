@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 from typing import Any
 
 
@@ -14,9 +16,6 @@ def instantiate(config: Any, **kwargs: Any) -> Any:
     it in an InstantiationException, which would turn a clear message into a stack trace), and a key the
     target does not take (`++method.iters=...` on a round-to-nearest method) becomes a PdqError naming it
     and the accepted keys."""
-    import inspect
-    import re
-
     from hydra.errors import InstantiationException
     from hydra.utils import get_object
     from hydra.utils import instantiate as hydra_instantiate

@@ -8,8 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -34,9 +32,15 @@ def _atomic(path: str | os.PathLike, write) -> Path:
     return path
 
 
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    return _atomic(path, lambda f: f.write(data.encode() if isinstance(data, str) else data))
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return _atomic(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()))
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    import torch  # imported here so that `pdq.report` (which needs only the text writers) stays light
+
     return _atomic(path, lambda f: torch.save(obj, f))

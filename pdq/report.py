@@ -22,14 +22,14 @@ import argparse
 import csv
 import io
 import json
-import os
 import re
 import statistics
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from pdq.io import atomic_write
 
 PAPER_BITS = ["W4A4", "W2A4", "W4A2", "W2A2"]
 METHOD_ORDER = ["rtn_minmax", "rtn_cosine", "rtn_mse", "pd_scale", "adaround", "brecq",
@@ -451,25 +451,6 @@ def plot_curves(run_dir: Path) -> bytes | None:
 
 
 # ----------------------------------------------------------------------------------------------- main
-
-def atomic_write(path: Path, data: str | bytes) -> Path:
-    """Write to a temp file in the same dir, fsync, then os.replace (as pdq.io does, without importing torch)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
 
 def csv_text(rows: list[dict]) -> str:
     buf = io.StringIO()
