@@ -9,6 +9,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from pdq.distributed import SINGLE, Dist
+
 
 @dataclass
 class RunContext:
@@ -25,6 +27,7 @@ class RunContext:
     reconstruct_stem: bool = True     # the `brecq` layout leaves the first unit as it is
     fingerprint: dict | None = None   # what a resumed run must share with the saved one
     fp_model: torch.nn.Module | None = None  # the unfolded float model (Distribution Correction)
+    dist: Dist = SINGLE               # this process's rank in a DDP run (batch_size is the global batch)
 
 
 def stream_seed(seed: int, *keys: int) -> int:

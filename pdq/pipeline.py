@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import resource
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import pdq
 from pdq.context import RunContext
+from pdq.distributed import SINGLE, Dist, session, state_sha256, world_size_of
 from pdq.errors import PdqError, instantiate
 from pdq.evaluate import evaluate
 from pdq.io import atomic_torch_save, atomic_write_json
@@ -51,13 +53,18 @@ def validate(cfg: DictConfig) -> BitLayout:
     accelerator = cfg.trainer.get("accelerator", "cpu")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise PdqError(f"trainer.accelerator={accelerator!r} but no CUDA device is visible; accepted here: cpu")
+    world = world_size_of(cfg.trainer)
+    for key in ("size", "batch_size"):  # equal shards of the calibration set and of every step's batch
+        if cfg.calib[key] % world:
+            raise PdqError(f"calib.{key}={cfg.calib[key]} does not split evenly over {world} processes "
+                           f"(trainer.devices x trainer.num_nodes); accepted: a multiple of {world}")
     return layout
 
 
-def resolve_device(cfg: DictConfig) -> torch.device:
+def resolve_device(cfg: DictConfig, dist: Dist = SINGLE) -> torch.device:
     accelerator = cfg.trainer.get("accelerator", "cpu")
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
+        return torch.device("cuda", dist.local_rank)
     return torch.device("cpu")
 
 
@@ -91,9 +98,20 @@ def run(cfg: DictConfig) -> dict:
     t0 = time.time()
     layout = validate(cfg)
     out_dir, resume_state = load_resume_state(cfg)
+    with session(cfg.trainer, out_dir) as dist:
+        results = run_ranks(cfg, layout, out_dir, resume_state, dist)
+        results["wall_s"] = round(time.time() - t0, 2)
+        if dist.main:
+            atomic_write_json(out_dir / "results.json", results)
+            log.info("wrote %s", out_dir / "results.json")
+    return results
+
+
+def run_ranks(cfg: DictConfig, layout: BitLayout, out_dir: Path, resume_state: dict | None, dist: Dist) -> dict:
+    """Everything after validation, on every rank of a DDP run (once without DDP)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.use_deterministic_algorithms(bool(cfg.trainer.get("deterministic", True)), warn_only=True)
-    device = resolve_device(cfg)
+    device = resolve_device(cfg, dist)
 
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
@@ -103,18 +121,23 @@ def run(cfg: DictConfig) -> dict:
                        f"({datamodule.train_size} images); accepted: 1..{datamodule.train_size}")
     model = instantiate(cfg.model).to(device)
     method = instantiate(cfg.method)
-    logger = instantiate(cfg.logger) if cfg.get("logger") else None
+    logger = instantiate(cfg.logger) if cfg.get("logger") and dist.main else None  # rank 0 logs
     try:
         results = quantize_and_evaluate(cfg, layout, datamodule, model, method, logger, device, out_dir,
-                                        resume_state)
+                                        resume_state, dist)
     except BaseException:
         close_logger(logger, ok=False)
         raise
-    results["wall_s"] = round(time.time() - t0, 2)
     close_logger(logger, ok=True)
-    atomic_write_json(out_dir / "results.json", results)
-    log.info("wrote %s", out_dir / "results.json")
     return results
+
+
+def peak_memory_mib(device: torch.device) -> dict[str, float]:
+    """This process's peak resident host memory (Linux reports KiB) and, on a GPU, peak allocated memory."""
+    peak = {"host": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        peak["cuda"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    return peak
 
 
 def close_logger(logger, ok: bool) -> None:
@@ -128,9 +151,10 @@ def close_logger(logger, ok: bool) -> None:
         wandb.finish(exit_code=0 if ok else 1)
 
 
-def fp_accuracy(cfg, model, test_loader, device) -> float:
+def fp_accuracy(cfg, model, test_loader, device, dist: Dist = SINGLE) -> float:
     """FP top-1, computed once per (model weights, data config) and kept in `paths.cache_dir` (null: no
-    cache), so that the jobs of a sweep do not re-evaluate the same float model."""
+    cache), so that the jobs of a sweep do not re-evaluate the same float model. Rank 0 reads and
+    writes the cache; a miss is evaluated sharded over the ranks."""
     cache_dir = cfg.paths.get("cache_dir")
     path = None
     if cache_dir:
@@ -140,22 +164,23 @@ def fp_accuracy(cfg, model, test_loader, device) -> float:
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         path = Path(cache_dir) / "fp_top1" / f"{h.hexdigest()[:32]}.json"
-        if path.is_file():
-            top1 = float(json.loads(path.read_text())["fp_top1"])
-            log.info("FP top-1: %.2f%% (cached in %s)", top1, path)
-            return top1
-    top1 = evaluate(model, test_loader, device, desc="FP eval")
+        cached = dist.broadcast(float(json.loads(path.read_text())["fp_top1"]) if path.is_file() else None)
+        if cached is not None:
+            log.info("FP top-1: %.2f%% (cached in %s)", cached, path)
+            return cached
+    top1 = evaluate(model, test_loader, device, desc="FP eval", dist=dist)
     log.info("FP top-1: %.2f%%", top1)
-    if path is not None:
+    if path is not None and dist.main:
         atomic_write_json(path, {"fp_top1": top1, "model": cfg.model.name, "eval_images": len(test_loader.dataset)})
     return top1
 
 
-def quantize_and_evaluate(cfg, layout, datamodule, model, method, logger, device, out_dir, resume_state) -> dict:
+def quantize_and_evaluate(cfg, layout, datamodule, model, method, logger, device, out_dir, resume_state,
+                          dist: Dist = SINGLE) -> dict:
     log.info("model=%s data=%s method=%s W%dA%d layout=%s seed=%d device=%s", cfg.model.name,
              datamodule.name, method.name, layout.w_bits, layout.a_bits, layout.layout, cfg.seed, device)
     test_loader = datamodule.test_dataloader()
-    fp_top1 = fp_accuracy(cfg, model, test_loader, device)
+    fp_top1 = fp_accuracy(cfg, model, test_loader, device, dist)
 
     calib = datamodule.calibration_set(cfg.calib.size, cfg.seed)
     qmodel = quantize_model(model).to(device)
@@ -165,11 +190,11 @@ def quantize_and_evaluate(cfg, layout, datamodule, model, method, logger, device
                      act_init_size=cfg.calib.act_init_size, trainer=instantiate(cfg.trainer), logger=logger,
                      out_dir=out_dir, resume_state=resume_state, reconstruct_stem=layout.reconstruct_stem,
                      fingerprint=fingerprint(cfg), fp_model=model,
-                     cache_dtype=getattr(torch, cfg.calib.get("cache_dtype", "float32")))
+                     cache_dtype=getattr(torch, cfg.calib.get("cache_dtype", "float32")), dist=dist)
     t_q = time.time()
     units = method.quantize(qmodel, calib, ctx)
     quant_seconds = time.time() - t_q
-    quant_top1 = evaluate(qmodel, test_loader, device, desc="quant eval")
+    quant_top1 = evaluate(qmodel, test_loader, device, desc="quant eval", dist=dist)
     log.info("%s W%dA%d top-1: %.2f%% (FP %.2f%%)", method.name, layout.w_bits, layout.a_bits, quant_top1, fp_top1)
 
     results = {
@@ -181,7 +206,14 @@ def quantize_and_evaluate(cfg, layout, datamodule, model, method, logger, device
         "units": units, "layout": {"preset": layout.layout, **table},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    atomic_torch_save(qmodel.state_dict(), out_dir / "quantized_model.pt")
+    results["world_size"] = dist.world_size
+    results["peak_mib_per_rank"] = dist.gather(peak_memory_mib(device))
+    if dist.enabled:  # every rank must end with the same quantized model (all-reduced gradients)
+        results["rank_state_sha256"] = dist.gather(state_sha256(qmodel))
+        if len(set(results["rank_state_sha256"])) > 1:
+            log.error("the ranks ended with different quantized models: %s", results["rank_state_sha256"])
+    if dist.main:
+        atomic_torch_save(qmodel.state_dict(), out_dir / "quantized_model.pt")
     if logger is not None:
         logger.log_metrics({"fp_top1": fp_top1, "quant_top1": quant_top1}, step=sum(u["iters"] for u in units))
     return results

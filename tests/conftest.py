@@ -1,6 +1,8 @@
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,8 +25,30 @@ def make_cfg(tmp_path):
     return _make
 
 
-def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python run.py ARGS` in a subprocess (stdout+stderr captured)."""
-    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, **env_vars: str) -> subprocess.CompletedProcess:
+    """`python run.py ARGS` in a subprocess (stdout+stderr captured), with `env_vars` added to its environment."""
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", **env_vars}
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def kill_after_unit(run_dir: Path, *args: str, index: int = 3, **env_vars: str) -> None:
+    """Start `python run.py ARGS hydra.run.dir=RUN_DIR` and SIGKILL its whole process group (every DDP
+    rank too) as soon as its saved reconstruction state has passed unit `index`."""
+    import torch
+
+    from pdq.recon.engine import STATE_FILE
+
+    env = {**os.environ, "WANDB_MODE": "offline", **env_vars}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args, f"hydra.run.dir={run_dir}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            state = run_dir / STATE_FILE
+            if state.exists() and torch.load(state, weights_only=False)["index"] >= index:
+                break
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()

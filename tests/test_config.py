@@ -153,3 +153,15 @@ def test_launcher_configs(name, target):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"launcher={name}"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith(target)
+
+
+def test_multi_node_slurm_launcher_follows_the_trainer():
+    """launcher=slurm_ddp asks SLURM for trainer.num_nodes nodes with one task and one GPU per device."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["launcher=slurm_ddp", "trainer=ddp", "trainer.devices=8",
+                                           "trainer.num_nodes=2"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
+    assert (cfg.trainer.strategy, cfg.trainer.accelerator) == ("ddp", "gpu")

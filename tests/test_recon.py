@@ -2,11 +2,6 @@
 resume after a kill, W2A4 reconstruction against round-to-nearest)."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -16,7 +11,7 @@ from pdq.quant import ActQuantizer, MinMaxObserver, WeightQuantizer
 from pdq.quant.adaround import AdaRoundQuantizer, LinearTempDecay
 from pdq.recon.engine import STATE_FILE
 from pdq.recon.module import Caches, UnitReconstruction
-from tests.conftest import ROOT
+from tests.conftest import kill_after_unit
 
 
 def calibrated_weight_quantizer(w, bits=4):
@@ -149,19 +144,7 @@ def test_kill_after_unit_k_then_resume_matches_uninterrupted(make_cfg, tmp_path)
     ref = run(make_cfg(*args, f"paths.output_dir={tmp_path / 'ref'}"))
     killed = tmp_path / "killed"
     # same thread count as this process: CPU results are bit-identical only for the same threads
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args, f"hydra.run.dir={killed}"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            state = killed / STATE_FILE
-            if state.exists() and torch.load(state, weights_only=False)["index"] >= 3:
-                break
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_after_unit(killed, *args, OMP_NUM_THREADS=str(torch.get_num_threads()))
     assert not (killed / "results.json").exists(), "the run finished before it could be killed"
     done = len(torch.load(killed / STATE_FILE, weights_only=False)["units"])
     assert 3 < done < 11

@@ -29,9 +29,11 @@ class Reconstruction:
             qmodel.load_state_dict(ctx.resume_state["state_dict"])
         else:
             calibrate_weights(qmodel, self.weight_observer)
+            ctx.dist.broadcast_quantizers(qmodel)
         units = ReconstructionEngine(qmodel, calib, ctx, self.act_observer).run(self.phases)
         for q in act_quantizers(qmodel):  # e.g. AdaRound: activations are quantized after the weights
             q.enabled = True
         calibrate_activations(qmodel, calib[: ctx.act_init_size].to(ctx.device), self.act_observer,
                               only_uninitialized=True)
+        ctx.dist.broadcast_quantizers(qmodel)
         return units

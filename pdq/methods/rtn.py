@@ -20,4 +20,5 @@ class RoundToNearest:
         calibrate_weights(qmodel, self.weight_observer)
         set_quant_state(qmodel, weight=True, act=True)
         calibrate_activations(qmodel, calib[: ctx.act_init_size].to(ctx.device), self.act_observer)
+        ctx.dist.broadcast_quantizers(qmodel)  # one observer result on every rank of a DDP run
         return []

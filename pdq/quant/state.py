@@ -8,6 +8,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from pdq.distributed import progress_disabled
 from pdq.quant.graph import quant_layer_names
 from pdq.quant.observers import Observer
 from pdq.quant.quantizers import ActQuantizer, FakeQuantizer
@@ -44,7 +45,7 @@ def full_precision(module: nn.Module):
 
 def calibrate_weights(gm: fx.GraphModule, observer: Observer) -> None:
     for name in tqdm(quant_layer_names(gm), desc="weight scales", leave=False, dynamic_ncols=True,
-                     disable=None):
+                     disable=progress_disabled()):
         layer = gm.get_submodule(name)
         layer.weight_quant.observe(layer.weight, observer)
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from pdq.distributed import SINGLE, Dist, progress_disabled
+from pdq.errors import PdqError
 from pdq.recon.units import Unit
 
 BN_EPS = 1e-6
@@ -66,7 +68,11 @@ def _is_bn(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm)
 
 
-def bn_statistics_loss(inputs: list[torch.Tensor], bns: list[nn.Module]) -> torch.Tensor:
+def bn_statistics_loss(inputs: list[torch.Tensor], bns: list[nn.Module], denominator: int | None = None
+                       ) -> torch.Tensor:
+    """The BN term of L(x): per-sample sums over BNs and channels, summed over the batch and divided by
+    `denominator` (default: the batch size, i.e. the mean; computed as the mean times n / denominator,
+    so that one process gives the same bits as before DDP existed)."""
     loss = inputs[0].new_zeros(())
     for a, bn in zip(inputs, bns):
         a = a.flatten(2)  # [N, C, HW]
@@ -74,24 +80,42 @@ def bn_statistics_loss(inputs: list[torch.Tensor], bns: list[nn.Module]) -> torc
         sigma = torch.sqrt(a.var(-1, unbiased=True) + BN_EPS)
         target_sigma = torch.sqrt(bn.running_var + BN_EPS)
         loss = loss + (mu - bn.running_mean).pow(2).sum(1).mean() + (sigma - target_sigma).pow(2).sum(1).mean()
-    return loss
+    return loss if denominator is None else loss * (len(inputs[0]) / denominator)
+
+
+def check_chunk(cfg: DCConfig, n_local: int, dist: Dist) -> None:
+    """In a DDP run each rank corrects its own shard. Chunks must then be the whole set (the ranks step
+    in lockstep on the summed loss) or whole chunks of every shard, so that the result is the one
+    process's result."""
+    if dist.enabled and cfg.enabled and cfg.chunk < n_local * dist.world_size and n_local % cfg.chunk:
+        raise PdqError(f"method.dc.chunk={cfg.chunk} does not split the {n_local} calibration images of each of the "
+                       f"{dist.world_size} processes into whole chunks; accepted: >= calib.size "
+                       f"({n_local * dist.world_size}, one chunk) or a divisor of {n_local}")
 
 
 def correct(unit_fp: nn.Module, bns: list[nn.Module], x_fp: torch.Tensor, cfg: DCConfig,
-            desc: str = "DC") -> tuple[torch.Tensor, dict]:
-    """DC-corrected copy of `x_fp` (same shape, same device), and the BN-statistic loss before/after."""
+            desc: str = "DC", dist: Dist = SINGLE) -> tuple[torch.Tensor, dict]:
+    """DC-corrected copy of `x_fp` (same shape, same device), and the BN-statistic loss before/after.
+    Under DDP, `x_fp` is this rank's shard; with one chunk over the whole set the loss is normalised by
+    the global set size and the LR plateau follows the loss summed over ranks, so every sample gets the
+    update it gets in one process."""
     if not bns or not cfg.enabled or cfg.steps <= 0:
         return x_fp, {}
     from tqdm.auto import tqdm
 
+    check_chunk(cfg, len(x_fp), dist)
+    n_global = len(x_fp) * dist.world_size
+    whole = cfg.chunk >= n_global
+    chunk = len(x_fp) if whole else cfg.chunk
     captured: list[torch.Tensor] = []
     hooks = [bn.register_forward_pre_hook(lambda m, args: captured.append(args[0])) for bn in bns]
     out, before, after = [], 0.0, 0.0
-    bar = tqdm(total=cfg.steps * -(-len(x_fp) // cfg.chunk), desc=desc, leave=False, dynamic_ncols=True,
-               disable=None)
+    bar = tqdm(total=cfg.steps * -(-len(x_fp) // chunk), desc=desc, leave=False, dynamic_ncols=True,
+               disable=progress_disabled())
     try:
-        for start in range(0, len(x_fp), cfg.chunk):
-            target = x_fp[start:start + cfg.chunk].float()
+        for start in range(0, len(x_fp), chunk):
+            target = x_fp[start:start + chunk].float()
+            denominator = n_global if whole else len(target)
             x = target.clone().requires_grad_(True)
             opt = torch.optim.Adam([x], lr=cfg.lr)
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=cfg.patience, factor=cfg.factor,
@@ -99,22 +123,24 @@ def correct(unit_fp: nn.Module, bns: list[nn.Module], x_fp: torch.Tensor, cfg: D
             for step in range(cfg.steps + 1):
                 captured.clear()
                 unit_fp(x)
-                stats = bn_statistics_loss(captured, bns)
+                stats = bn_statistics_loss(captured, bns, denominator)
                 if step == 0:
-                    before += stats.item() * len(target)
+                    before += stats.item() * denominator
                 if step == cfg.steps:
-                    after += stats.item() * len(target)
+                    after += stats.item() * denominator
                     break
-                loss = stats + (x - target).pow(2).sum(1).mean() / cfg.lambda_c
+                proximity = (x - target).pow(2).sum(1).mean() * (len(target) / denominator)
+                loss = stats + proximity / cfg.lambda_c
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                plateau.step(loss.item())
+                plateau.step(dist.sum(loss.item())[0] if whole else loss.item())
                 bar.update(1)
             out.append(x.detach().to(x_fp.dtype))
     finally:
         bar.close()
         for h in hooks:
             h.remove()
-    n = len(x_fp)
-    return torch.cat(out), {"dc_loss_before": round(before / n, 6), "dc_loss_after": round(after / n, 6)}
+    before, after = dist.sum(before, after)
+    return torch.cat(out), {"dc_loss_before": round(before / n_global, 6),
+                            "dc_loss_after": round(after / n_global, 6)}

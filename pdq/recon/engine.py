@@ -2,10 +2,12 @@
 order and, for each unit:
 
 1. caches its inputs on the quantized path (earlier units quantized and hardened) and on the FP path,
-   and its FP output, for the whole calibration set on the compute device;
+   and its FP output, for the whole calibration set on the compute device (under DDP: for this rank's
+   shard; every step's batch is then `batch_size / world_size` images per rank);
 2. initialises its activation quantizers from the first `act_init_size` quantized-path inputs;
 3. fits a `UnitReconstruction` (AdaRound variables and/or LSQ activation scales) with a Lightning
-   Trainer for `iters` steps, batches and masks drawn from a generator seeded by (seed, phase, unit);
+   Trainer for `iters` steps, batches and masks drawn from a generator seeded by (seed, phase, unit,
+   rank), gradients all-reduced over the ranks by Lightning's DDP;
 4. hardens the rounding into the weights, freezes the scales, releases the caches, and saves the
    model state atomically so that an interrupted run resumes at the next unit.
 """
@@ -28,7 +30,7 @@ from pdq.quant.adaround import AdaRoundQuantizer
 from pdq.quant.graph import quantize_model
 from pdq.quant.observers import Observer
 from pdq.quant.state import act_quantizers, calibrate_activations, full_precision, set_quant_state
-from pdq.recon.dc import DCConfig, correct, fp_twin
+from pdq.recon.dc import DCConfig, check_chunk, correct, fp_twin
 from pdq.recon.module import Caches, UnitProgress, UnitReconstruction, loader
 from pdq.recon.subgraph import prefix, segment, suffix
 from pdq.recon.units import Unit, find_units
@@ -80,6 +82,7 @@ def _run_batched(module: torch.nn.Module, x: torch.Tensor, batch_size: int, devi
 class ReconstructionEngine:
     def __init__(self, gm: fx.GraphModule, calib: torch.Tensor, ctx: RunContext, act_observer: Observer):
         self.gm, self.calib, self.ctx, self.act_observer = gm, calib, ctx, act_observer
+        self.local = calib[ctx.dist.shard(len(calib))]  # the images this rank caches (all of them without DDP)
         self.summaries: list[dict] = list((ctx.resume_state or {}).get("units", []))
         self.done: set[tuple[int, int]] = {(s["phase"], s["index"]) for s in self.summaries}
         self.step_offset = sum(s["iters"] for s in self.summaries)
@@ -92,7 +95,7 @@ class ReconstructionEngine:
     def logits(self) -> torch.Tensor:
         """FP network logits on the (uncorrected) calibration images, computed once."""
         if self._logits is None:
-            self._logits = _run_batched(self.fp_folded(), self.calib, self.ctx.batch_size, self.ctx.device,
+            self._logits = _run_batched(self.fp_folded(), self.local, self.ctx.batch_size, self.ctx.device,
                                         torch.float32)
         return self._logits
 
@@ -122,6 +125,8 @@ class ReconstructionEngine:
         return prefix(fp, twin.input), segment(fp, twin)
 
     def run(self, phases: list[Phase]) -> list[dict]:
+        for phase in phases:
+            check_chunk(phase.dc, len(self.local), self.ctx.dist)
         for p, phase in enumerate(phases):
             units = find_units(self.gm, phase.pattern)
             for q in act_quantizers(self.gm):
@@ -141,14 +146,15 @@ class ReconstructionEngine:
             if phase.act_quant:
                 calibrate_activations(pre, self.calib[: ctx.act_init_size].to(ctx.device), self.act_observer,
                                       only_uninitialized=True)
-            x_q = _run_batched(pre, self.calib, ctx.batch_size, ctx.device, ctx.cache_dtype)
+                ctx.dist.broadcast_quantizers(gm)
+            x_q = _run_batched(pre, self.local, ctx.batch_size, ctx.device, ctx.cache_dtype)
         dc_info: dict = {}
         fp_pre, fp_seg = self.fp_pieces(unit)
-        x_fp_full = _run_batched(fp_pre, self.calib, ctx.batch_size, ctx.device, ctx.cache_dtype)
+        x_fp_full = _run_batched(fp_pre, self.local, ctx.batch_size, ctx.device, ctx.cache_dtype)
         if phase.dc.enabled:
             t_dc = time.time()
             twin, bns = fp_twin(self.fp_graph(), gm, unit)
-            x_fp_full, dc_info = correct(twin, bns, x_fp_full, phase.dc, desc=f"DC {unit.name}")
+            x_fp_full, dc_info = correct(twin, bns, x_fp_full, phase.dc, desc=f"DC {unit.name}", dist=ctx.dist)
             dc_info["dc_s"] = round(time.time() - t_dc, 3)
         y_fp = _run_batched(fp_seg, x_fp_full, ctx.batch_size, ctx.device, ctx.cache_dtype)
         if phase.input_prob < 1:
@@ -167,9 +173,10 @@ class ReconstructionEngine:
             ctx.logger.log_metrics({f"{prefix_name}/{k}": v for k, v in dc_info.items() if k.startswith("dc_loss")},
                                    step=self.step_offset)
         acts = [gm.get_submodule(n) for n in unit.act_quants(gm)]
-        if phase.act_quant:
-            x_init = (caches.x_q if caches.x_q is not None else caches.x_fp)[: ctx.act_init_size]
+        if phase.act_quant:  # the first act_init_size images of the whole set, gathered from the ranks
+            x_init = ctx.dist.head(caches.x_q if caches.x_q is not None else caches.x_fp, ctx.act_init_size)
             calibrate_activations(seg, x_init.float(), self.act_observer, only_uninitialized=True)
+            ctx.dist.broadcast_quantizers(gm)
         t_init = time.time()
 
         layers = [gm.get_submodule(n) for n in unit.layers(gm)]
@@ -181,8 +188,9 @@ class ReconstructionEngine:
                     layer.weight_quant = AdaRoundQuantizer(layer.weight_quant, layer.weight)
                     adarounds.append(layer.weight_quant)
         scales = [q.learn_scale() for q in acts if q.active] if (phase.learn_act_scale and phase.act_quant) else []
-        gen = torch.Generator().manual_seed(stream_seed(ctx.seed, p, i, 0))
-        mask_gen = torch.Generator(device=ctx.device).manual_seed(stream_seed(ctx.seed, p, i, 1))
+        rank = ctx.dist.rank
+        gen = torch.Generator().manual_seed(stream_seed(ctx.seed, p, i, 2 * rank))
+        mask_gen = torch.Generator(device=ctx.device).manual_seed(stream_seed(ctx.seed, p, i, 2 * rank + 1))
         for q in acts:
             q.drop_prob, q.generator = phase.drop_prob, mask_gen
         module = UnitReconstruction(
@@ -201,10 +209,11 @@ class ReconstructionEngine:
                 # one epoch over exactly `iters` index batches (max_steps would count every optimizer's step)
                 trainer = ctx.trainer(max_epochs=1, logger=ctx.logger or False, enable_checkpointing=False,
                                       enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
-                                      limit_val_batches=0,
+                                      limit_val_batches=0, use_distributed_sampler=False,
                                       callbacks=[UnitProgress(f"unit {i + 1}/{n_units} {unit.name}", phase.iters)])
                 with full_precision(later):  # the rest of the network stays FP (spec §5.2)
-                    trainer.fit(module, train_dataloaders=loader(len(caches), ctx.batch_size, phase.iters, gen))
+                    batches = loader(len(caches), ctx.batch_size // ctx.dist.world_size, phase.iters, gen)
+                    trainer.fit(module, train_dataloaders=batches)
         finally:
             for layer, base, ada in zip(layers, base_quantizers, [layer.weight_quant for layer in layers]):
                 if isinstance(ada, AdaRoundQuantizer):
@@ -225,6 +234,6 @@ class ReconstructionEngine:
                 "act_init_s": round(t_init - t_cache, 3), "fit_s": round(t_end - t_init, 3), **final, **dc_info}
 
     def save(self, p: int, i: int) -> None:
-        if self.ctx.out_dir is not None:
+        if self.ctx.out_dir is not None and self.ctx.dist.main:
             atomic_torch_save({"phase": p, "index": i, "units": self.summaries, "state_dict": self.gm.state_dict(),
                                "fingerprint": self.ctx.fingerprint}, Path(self.ctx.out_dir) / STATE_FILE)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from pdq.distributed import progress_disabled
 from pdq.quant.adaround import AdaRoundQuantizer, LinearTempDecay
 
 
@@ -176,7 +177,8 @@ class UnitProgress(L.Callback):
     def on_train_start(self, trainer, pl_module):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=self.total, desc=self.desc, leave=False, dynamic_ncols=True, disable=None)
+        self.bar = tqdm(total=self.total, desc=self.desc, leave=False, dynamic_ncols=True,
+                        disable=progress_disabled())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.bar.update(1)

@@ -1,0 +1,154 @@
+"""Data-parallel reconstruction (trainer=ddp_cpu): two gloo processes end with bit-identical quantized models,
+match one process, write only rank 0's outputs, and resume after a kill; DC and the gathering helpers give
+one process's result from shards; bad DDP settings stop with one clear error."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+
+from pdq.distributed import SINGLE, Dist, world_size_of
+from pdq.errors import PdqError
+from pdq.pipeline import run
+from pdq.recon.dc import DCConfig, correct
+from pdq.recon.engine import STATE_FILE
+from tests.conftest import kill_after_unit, run_cli
+
+CELL = ["method=qdrop", "method.iters=10", "quant=w2a4", "calib.size=64", "calib.act_init_size=32",
+        "data.eval_subset=1000", "paths.cache_dir=null", "logger=csv"]
+RUN = ["trainer=ddp_cpu", "trainer.devices=2", *CELL]
+
+
+def files_of(run_dir):
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same cell with one process and with two (global batch 32 both times), one thread per process."""
+    base = tmp_path_factory.mktemp("ddp")
+    one, two = base / "one", base / "two"
+    for d, args in ((one, ["trainer=cpu", *CELL]), (two, RUN)):
+        proc = run_cli(*args, f"hydra.run.dir={d}", OMP_NUM_THREADS="1")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return one, two
+
+
+def test_two_processes_end_identical_and_match_one_process(runs):
+    one, two = runs
+    r1, r2 = (json.loads((d / "results.json").read_text()) for d in runs)
+    assert r2["world_size"] == 2 and len(r2["peak_mib_per_rank"]) == 2
+    sha = r2["rank_state_sha256"]
+    assert len(sha) == 2 and sha[0] == sha[1]  # all-reduced gradients: same AdaRound and scale values
+    assert r2["fp_top1"] == r1["fp_top1"] and r2["eval_images"] == 1000  # sharded eval, counts summed
+    assert [u["name"] for u in r2["units"]] == [u["name"] for u in r1["units"]]
+    assert all(u["iters"] == 10 for u in r2["units"])
+    assert abs(r2["quant_top1"] - r1["quant_top1"]) < 3.0, (r1["quant_top1"], r2["quant_top1"])
+
+
+def test_only_rank_zero_writes(runs):
+    one, two = runs
+    assert files_of(two) == files_of(one)  # no per-rank Hydra dirs, logs, states or temporaries
+    log_lines = (two / "run.log").read_text()
+    assert "DDP: 2 processes (gloo), rank 0" in log_lines and "rank 1" not in log_lines
+    def logged(run_dir):
+        header, *rows = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
+        return header, [r.split(",")[header.split(",").index("step")] for r in rows]
+
+    assert logged(two) == logged(one)  # one writer: the same keys and rows as one process
+
+
+def test_kill_then_resume_under_ddp_matches_uninterrupted(runs, tmp_path):
+    _, two = runs
+    killed = tmp_path / "killed"
+    kill_after_unit(killed, *RUN, OMP_NUM_THREADS="1")  # both ranks
+    assert not (killed / "results.json").exists(), "the run finished before it could be killed"
+    done = len(torch.load(killed / STATE_FILE, weights_only=False)["units"])
+    assert 3 < done < 11
+    resumed = run_cli(*RUN, f"resume={killed}", f"hydra.run.dir={killed}", OMP_NUM_THREADS="1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ref, res = (json.loads((d / "results.json").read_text()) for d in (two, killed))
+    assert res["quant_top1"] == ref["quant_top1"] and res["rank_state_sha256"] == ref["rank_state_sha256"]
+    a, b = (torch.load(d / "quantized_model.pt") for d in (two, killed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_ddp_settings_stop_with_one_clear_error(make_cfg, tmp_path):
+    with pytest.raises(PdqError, match=r"trainer.devices=2 .*strategy='auto'.*accepted: ddp"):
+        world_size_of({"accelerator": "cpu", "devices": 2, "strategy": "auto"})
+    with pytest.raises(PdqError, match=r"trainer.devices='two' is not accepted"):
+        world_size_of({"accelerator": "cpu", "devices": "two", "strategy": "ddp"})
+    with pytest.raises(PdqError, match=r"calib.size=63 does not split evenly over 2 processes"):
+        run(make_cfg("trainer=ddp_cpu", "calib.size=63"))
+    with pytest.raises(PdqError, match=r"calib.batch_size=33 does not split evenly over 2 processes"):
+        run(make_cfg("trainer=ddp_cpu", "calib.batch_size=33"))
+    with pytest.raises(PdqError, match=r"starts its ranks through `python run.py`"):
+        run(make_cfg("trainer=ddp_cpu", "method=rtn_minmax", "debug=fast"))
+    assert "LOCAL_RANK" not in os.environ  # the refused run left this process as it was
+    proc = run_cli("trainer=ddp_cpu", "trainer.num_nodes=2", "debug=fast", "method=rtn_minmax", "logger=none",
+                   f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2 and "trainer.num_nodes=2 needs its processes started" in proc.stderr
+
+
+def _ranks(rank, world, init_file, x, cfg, out):
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        dist = Dist(rank=rank, world_size=world)
+        local = x[dist.shard(len(x))]
+        twin, bns = _unit()
+        corrected, info = correct(twin, bns, local, cfg, dist=dist)
+        out[rank] = (corrected, info, dist.head(local, 40), dist.sum(float(rank), 1.0))
+    finally:
+        tdist.destroy_process_group()
+
+
+def _unit():
+    torch.manual_seed(0)
+    unit = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU())
+    bn = unit[1]
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    return unit.eval(), [bn]
+
+
+@pytest.mark.parametrize("chunk", [64, 16])
+def test_dc_and_gathering_over_two_ranks_equal_one_process(tmp_path, chunk):
+    """DC of each rank's shard (one chunk over the whole set: lockstep on the summed loss; or chunks
+    that divide the shard) gives the one-process correction; `head` gathers the first rows of the set."""
+    x = torch.randn(64, 4, 5, 5, generator=torch.Generator().manual_seed(1))
+    cfg = DCConfig(enabled=True, steps=40, lr=1e-2, chunk=chunk, patience=5)
+    twin, bns = _unit()
+    ref, ref_info = correct(twin, bns, x, cfg)
+    out = mp.Manager().dict()
+    mp.spawn(_ranks, args=(2, tmp_path / "store", x, cfg, out), nprocs=2, join=True)
+    corrected = torch.cat([out[0][0], out[1][0]])
+    assert torch.allclose(corrected, ref, atol=1e-5, rtol=1e-4) and not torch.equal(corrected, x)
+    for r in (0, 1):
+        assert out[r][1]["dc_loss_after"] == pytest.approx(ref_info["dc_loss_after"], rel=1e-4)
+        assert out[r][1]["dc_loss_before"] == pytest.approx(ref_info["dc_loss_before"], rel=1e-5)
+        assert torch.equal(out[r][2], x[:40]) and out[r][3] == [1.0, 2.0]
+
+
+def test_dc_chunk_that_splits_a_shard_is_refused(tmp_path):
+    cfg = DCConfig(enabled=True, steps=2, chunk=24)
+    twin, bns = _unit()
+    with pytest.raises(PdqError, match=r"method.dc.chunk=24 .* 32 calibration images of each of the 2 processes"):
+        correct(twin, bns, torch.randn(32, 4, 5, 5), cfg, dist=Dist(rank=0, world_size=2))
+    assert SINGLE.head(torch.arange(5), 3).tolist() == [0, 1, 2] and SINGLE.sum(2.0) == [2.0]
+
+
+def test_sequential_multirun_starts_ranks_for_every_job(tmp_path):
+    """Hydra's basic launcher runs the jobs one after the other in one process: each job starts and ends
+    its own ranks (the first job's rank-0 environment must not make the second wait for absent ranks)."""
+    proc = run_cli("-m", "trainer=ddp_cpu", "method=rtn_minmax,rtn_mse", "debug=fast", "calib.size=64",
+                   "logger=none", f"hydra.sweep.dir={tmp_path}", timeout=300, OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted(tmp_path.glob("*/results.json"))
+    assert len(results) == 2
+    for r in results:
+        res = json.loads(r.read_text())
+        assert res["world_size"] == 2 and len(set(res["rank_state_sha256"])) == 1
