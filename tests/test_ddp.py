@@ -54,6 +54,7 @@ def test_only_rank_zero_writes(runs):
     assert files_of(two) == files_of(one)  # no per-rank Hydra dirs, logs, states or temporaries
     log_lines = (two / "run.log").read_text()
     assert "DDP: 2 processes (gloo), rank 0" in log_lines and "rank 1" not in log_lines
+
     def logged(run_dir):
         header, *rows = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
         return header, [r.split(",")[header.split(",").index("step")] for r in rows]
