@@ -75,17 +75,14 @@ class Dist:
             pieces.append(piece)
         return torch.cat(pieces)
 
-    def broadcast_quantizers(self, module: nn.Module) -> None:
-        """Rank 0's scales, zero points and init flags in every quantizer of `module`: observer results
-        (weight search, activation init) are then the same on every rank by construction."""
+    def broadcast_quantizers(self, quantizers) -> None:
+        """Rank 0's scales, zero points and init flags in `quantizers` (those an observer just fitted,
+        in the same order on every rank): observer results are then the same on every rank."""
         if not self.enabled:
             return
-        from pdq.quant.quantizers import FakeQuantizer
-
-        for q in module.modules():
-            if isinstance(q, FakeQuantizer):
-                for t in (q.scale, q.zero_point, q.initialized):
-                    tdist.broadcast(t.data, src=0)
+        for q in quantizers:
+            for t in (q.scale, q.zero_point, q.initialized):
+                tdist.broadcast(t.data, src=0)
 
     def sum(self, *values: float) -> list[float]:
         """Element-wise sum over ranks of a few numbers."""
@@ -157,18 +154,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _environment(world: int, devices: int):
-    """Lightning's cluster environment for this process, as Lightning's Trainer will pick it."""
-    from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment, TorchElasticEnvironment
+def _external_environment():
+    """The cluster environment of processes started by torchrun or srun (Lightning's order), else None."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
     for env_type in (TorchElasticEnvironment, SLURMEnvironment):
         if env_type.detect():
-            env = env_type()
-            if env.world_size() != world:
-                raise PdqError(f"{env_type.__name__} reports {env.world_size()} processes but trainer.devices x "
-                               f"trainer.num_nodes = {world}; accepted: one task per device (SLURM "
-                               f"--ntasks-per-node=trainer.devices, torchrun --nproc-per-node=trainer.devices)")
-            return env
+            return env_type()
+    return None
+
+
+def _environment(world: int, devices: int):
+    """Lightning's cluster environment for this process, as Lightning's Trainer will pick it."""
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    env = _external_environment()
+    if env is not None:
+        if env.world_size() != world:
+            raise PdqError(f"{type(env).__name__} reports {env.world_size()} processes but trainer.devices x "
+                           f"trainer.num_nodes = {world}; accepted: one task per device (SLURM "
+                           f"--ntasks-per-node=trainer.devices, torchrun --nproc-per-node=trainer.devices)")
+        return env
     env = LightningEnvironment()
     env.set_world_size(world)
     env.set_global_rank(int(os.environ.get("NODE_RANK", 0)) * devices + env.local_rank())
@@ -224,7 +230,7 @@ def session(trainer_cfg, out_dir: Path):
     stop = threading.Event()
     ok = False
     try:
-        if "LOCAL_RANK" not in os.environ and not _external():
+        if "LOCAL_RANK" not in os.environ and _external_environment() is None:
             children = _spawn_ranks(world, nodes, gpu, out_dir, stop)
         elif "PDQ_PARENT_PID" in os.environ:
             threading.Thread(target=_watch_parent, args=(int(os.environ["PDQ_PARENT_PID"]), stop),
@@ -284,10 +290,4 @@ def _spawn_ranks(world: int, nodes: int, gpu: bool, out_dir: Path, stop: threadi
         children.append(subprocess.Popen(command, env=env))
     threading.Thread(target=_watch_children, args=(children, stop), daemon=True).start()
     return children
-
-
-def _external() -> bool:
-    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-
-    return TorchElasticEnvironment.detect() or SLURMEnvironment.detect()
 

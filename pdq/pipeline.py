@@ -160,9 +160,7 @@ def fp_accuracy(cfg, model, test_loader, device, dist: Dist = SINGLE) -> float:
     if cache_dir:
         h = hashlib.sha256(json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True).encode())
         h.update(str(len(test_loader.dataset)).encode())
-        for name, tensor in model.state_dict().items():
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(state_sha256(model).encode())
         path = Path(cache_dir) / "fp_top1" / f"{h.hexdigest()[:32]}.json"
         cached = dist.broadcast(float(json.loads(path.read_text())["fp_top1"]) if path.is_file() else None)
         if cached is not None:

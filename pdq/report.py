@@ -117,9 +117,10 @@ def label_runs(results: list[dict]) -> None:
     that runs with other method settings are never averaged together."""
     variants: dict[str, set] = defaultdict(set)
     keys: dict[tuple, dict[str, set]] = defaultdict(lambda: defaultdict(set))
+    flat = {id(r): method_settings(r) for r in results}
     for r in results:
         variants[r["method"]].add(settings(r))
-        for k, v in method_settings(r).items():  # per model: the per-model settings differ by design
+        for k, v in flat[id(r)].items():  # per model: the per-model settings differ by design
             keys[(r["method"], r["model"])][k].add(v)
     for r in results:
         vs = variants[r["method"]]
@@ -128,7 +129,7 @@ def label_runs(results: list[dict]) -> None:
             iters, calib, evals = settings(r)
             extra = f", {evals} eval" if len({v[2] for v in vs}) > 1 else ""
             label = f"{label} ({iters} it, {calib} calib{extra})"
-        mine = method_settings(r)
+        mine = flat[id(r)]
         differing = sorted(k for k, values in keys[(r["method"], r["model"])].items()
                            if len(values) > 1 or k not in mine)
         if differing:

@@ -28,12 +28,10 @@ class Reconstruction:
         if ctx.resume_state is not None:  # the saved state holds the weight scales: no second search
             qmodel.load_state_dict(ctx.resume_state["state_dict"])
         else:
-            calibrate_weights(qmodel, self.weight_observer)
-            ctx.dist.broadcast_quantizers(qmodel)
+            ctx.dist.broadcast_quantizers(calibrate_weights(qmodel, self.weight_observer))
         units = ReconstructionEngine(qmodel, calib, ctx, self.act_observer).run(self.phases)
         for q in act_quantizers(qmodel):  # e.g. AdaRound: activations are quantized after the weights
             q.enabled = True
-        calibrate_activations(qmodel, calib[: ctx.act_init_size].to(ctx.device), self.act_observer,
-                              only_uninitialized=True)
-        ctx.dist.broadcast_quantizers(qmodel)
+        ctx.dist.broadcast_quantizers(calibrate_activations(qmodel, calib[: ctx.act_init_size].to(ctx.device),
+                                                            self.act_observer, only_uninitialized=True))
         return units

@@ -17,8 +17,8 @@ class RoundToNearest:
         self.name, self.weight_observer, self.act_observer = name, weight_observer, act_observer
 
     def quantize(self, qmodel: fx.GraphModule, calib: torch.Tensor, ctx: RunContext) -> list[dict]:
-        calibrate_weights(qmodel, self.weight_observer)
+        fitted = calibrate_weights(qmodel, self.weight_observer)
         set_quant_state(qmodel, weight=True, act=True)
-        calibrate_activations(qmodel, calib[: ctx.act_init_size].to(ctx.device), self.act_observer)
-        ctx.dist.broadcast_quantizers(qmodel)  # one observer result on every rank of a DDP run
+        fitted += calibrate_activations(qmodel, calib[: ctx.act_init_size].to(ctx.device), self.act_observer)
+        ctx.dist.broadcast_quantizers(fitted)  # one observer result on every rank of a DDP run
         return []

@@ -43,22 +43,25 @@ def full_precision(module: nn.Module):
             q.enabled = enabled
 
 
-def calibrate_weights(gm: fx.GraphModule, observer: Observer) -> None:
+def calibrate_weights(gm: fx.GraphModule, observer: Observer) -> list[FakeQuantizer]:
+    """Every weight quantizer fitted to its weight; returns them."""
     for name in tqdm(quant_layer_names(gm), desc="weight scales", leave=False, dynamic_ncols=True,
                      disable=progress_disabled()):
         layer = gm.get_submodule(name)
         layer.weight_quant.observe(layer.weight, observer)
+    return weight_quantizers(gm)
 
 
 @torch.no_grad()
 def calibrate_activations(module: nn.Module, x: torch.Tensor, observer: Observer,
-                          only_uninitialized: bool = False) -> None:
+                          only_uninitialized: bool = False) -> list[ActQuantizer]:
     """One forward of `x` (one batch, e.g. 256 calibration images): each enabled activation quantizer
-    (or each one not calibrated yet) fits itself to its input in forward order, then quantizes it."""
+    (or each one not calibrated yet) fits itself to its input in forward order, then quantizes it.
+    Returns the quantizers it fitted."""
     pending = [q for q in act_quantizers(module)
                if q.active and not (only_uninitialized and bool(q.initialized))]
     if not pending:
-        return
+        return []
     for q in pending:
         q.calibrate_with = observer
     try:
@@ -66,3 +69,4 @@ def calibrate_activations(module: nn.Module, x: torch.Tensor, observer: Observer
     finally:
         for q in pending:
             q.calibrate_with = None
+    return pending

@@ -144,9 +144,8 @@ class ReconstructionEngine:
         x_q = x_fp = None
         if phase.input_prob > 0 or phase.pd_weight > 0:
             if phase.act_quant:
-                calibrate_activations(pre, self.calib[: ctx.act_init_size].to(ctx.device), self.act_observer,
-                                      only_uninitialized=True)
-                ctx.dist.broadcast_quantizers(gm)
+                ctx.dist.broadcast_quantizers(calibrate_activations(
+                    pre, self.calib[: ctx.act_init_size].to(ctx.device), self.act_observer, only_uninitialized=True))
             x_q = _run_batched(pre, self.local, ctx.batch_size, ctx.device, ctx.cache_dtype)
         dc_info: dict = {}
         fp_pre, fp_seg = self.fp_pieces(unit)
@@ -175,8 +174,8 @@ class ReconstructionEngine:
         acts = [gm.get_submodule(n) for n in unit.act_quants(gm)]
         if phase.act_quant:  # the first act_init_size images of the whole set, gathered from the ranks
             x_init = ctx.dist.head(caches.x_q if caches.x_q is not None else caches.x_fp, ctx.act_init_size)
-            calibrate_activations(seg, x_init.float(), self.act_observer, only_uninitialized=True)
-            ctx.dist.broadcast_quantizers(gm)
+            ctx.dist.broadcast_quantizers(calibrate_activations(seg, x_init.float(), self.act_observer,
+                                                                only_uninitialized=True))
         t_init = time.time()
 
         layers = [gm.get_submodule(n) for n in unit.layers(gm)]
