@@ -46,9 +46,9 @@ def validate(cfg: DictConfig) -> BitLayout:
             raise PdqError(f"calib.{key}={value!r} is not accepted; accepted: a positive integer")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise PdqError(f"seed={cfg.seed!r} is not accepted; accepted: an integer")
-    if cfg.get("resume") and not (Path(cfg.resume).expanduser() / STATE_FILE).is_file():
+    if cfg.get("resume") not in (None, "auto") and not (Path(cfg.resume).expanduser() / STATE_FILE).is_file():
         raise PdqError(f"resume={cfg.resume!r} holds no {STATE_FILE}; accepted: the run dir of an interrupted "
-                       f"reconstruction run")
+                       f"reconstruction run, or auto")
     layout = instantiate(cfg.quant, _convert_="all")
     accelerator = cfg.trainer.get("accelerator", "cpu")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -79,17 +79,34 @@ def fingerprint(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(keep)), resolve=True)
 
 
+def finished_results(cfg: DictConfig) -> dict | None:
+    """With `resume=auto`: the `results.json` already in this run's own dir, when the same settings made it."""
+    path = Path(cfg.paths.output_dir) / "results.json"
+    if cfg.get("resume") != "auto" or not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    saved, now = results.get("config") or {}, fingerprint(cfg)
+    diff = sorted(k for k in now if saved.get(k) != now[k])
+    if diff:
+        raise PdqError(f"resume=auto: {path} holds the results of other settings ({', '.join(diff)} differ); "
+                       f"give this run another dir (hydra.run.dir / hydra.sweep.dir) or remove that one")
+    return results
+
+
 def load_resume_state(cfg: DictConfig) -> tuple[Path, dict | None]:
-    """(output dir, saved state or None). A resumed run writes into the interrupted run's dir."""
+    """(output dir, saved state or None). A resumed run writes into the interrupted run's dir; `resume=auto`
+    resumes from this run's own dir when it holds a saved state, and starts afresh otherwise."""
     if not cfg.get("resume"):
         return Path(cfg.paths.output_dir), None
-    run_dir = Path(cfg.resume).expanduser()
+    run_dir = Path(cfg.paths.output_dir if cfg.resume == "auto" else cfg.resume).expanduser()
+    if cfg.resume == "auto" and not (run_dir / STATE_FILE).is_file():
+        return run_dir, None
     state = torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=False)
     saved, now = state.get("fingerprint"), fingerprint(cfg)
     if saved != now:
         diff = sorted(k for k in now if (saved or {}).get(k) != now[k])
-        raise PdqError(f"resume={cfg.resume!r} was made with other settings ({', '.join(diff)} differ); "
-                       f"resume with the interrupted run's overrides")
+        raise PdqError(f"resume={cfg.resume!r}: the interrupted run in {run_dir} was made with other settings "
+                       f"({', '.join(diff)} differ); resume with the interrupted run's overrides")
     log.info("resuming %s after %d finished units", run_dir, len(state["units"]))
     return run_dir, state
 
@@ -97,6 +114,11 @@ def load_resume_state(cfg: DictConfig) -> tuple[Path, dict | None]:
 def run(cfg: DictConfig) -> dict:
     t0 = time.time()
     layout = validate(cfg)
+    done = finished_results(cfg)
+    if done is not None:
+        log.info("resume=auto: %s already holds this run's results.json (top-1 %.2f%%); nothing to do",
+                 cfg.paths.output_dir, done["quant_top1"])
+        return done
     out_dir, resume_state = load_resume_state(cfg)
     with session(cfg.trainer, out_dir) as dist:
         results = run_ranks(cfg, layout, out_dir, resume_state, dist)

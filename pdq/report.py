@@ -34,6 +34,9 @@ from pdq.io import atomic_write
 PAPER_BITS = ["W4A4", "W2A4", "W4A2", "W2A2"]
 METHOD_ORDER = ["rtn_minmax", "rtn_cosine", "rtn_mse", "pd_scale", "adaround", "brecq",
                 "qdrop", "pd_only", "pd_reg", "qdrop_dc", "pdquant"]
+#: column order: the paper's Table 3 models, then the reference models, then any other model by name
+MODEL_ORDER = ["resnet18_brecq", "resnet50_brecq", "mobilenetv2_brecq", "regnetx_600m", "regnetx_3200m", "mnasnet_x2",
+               "resnet20_fmnist", "mobilenetv2_fmnist"]
 ABLATION = ["qdrop", "pd_only", "pd_reg", "qdrop_dc", "pdquant"]
 TABLE1 = ["rtn_minmax", "rtn_cosine", "rtn_mse", "pd_scale"]
 CURVE_METRICS = ["pd_loss", "rec_loss", "round_loss", "loss"]
@@ -141,6 +144,10 @@ def method_key(method: str) -> tuple:
     return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
 
 
+def model_key(model: str) -> tuple:
+    return (MODEL_ORDER.index(model), "") if model in MODEL_ORDER else (len(MODEL_ORDER), model)
+
+
 def label_key(runs: list[dict]) -> tuple:
     """Sort key of a row (all runs of one label): paper method order, then settings."""
     r = runs[0]
@@ -193,7 +200,7 @@ def by_model(results: list[dict]) -> str:
         return "No results.json found.\n"
     label_runs(results)
     out = []
-    for model, runs in sorted(group(results, lambda r: r["model"]).items()):
+    for model, runs in sorted(group(results, lambda r: r["model"]).items(), key=lambda kv: model_key(kv[0])):
         cells = group(runs, lambda r: r["_label"], bits)
         bit_cols = sorted({bits(r) for r in runs}, key=bits_key)
         iters = sorted({str(r.get("iters", "?")) for r in runs})
@@ -233,7 +240,7 @@ def settings_section(results: list[dict]) -> list[str]:
 def paper_table(results: list[dict], missing: list[Path]) -> tuple[str, list[dict]]:
     """(table.md text, table.csv rows): one block per bit setting, methods as rows, models as columns."""
     label_runs(results)
-    models = sorted({r["model"] for r in results})
+    models = sorted({r["model"] for r in results}, key=model_key)
     cells = group(results, bits, lambda r: r["_label"], lambda r: r["model"])
     out = ["# Quantized top-1 (%)", "",
            "Mean±std over seeds (sample std; n = number of seeds). Runs of one method with different "
@@ -281,7 +288,7 @@ def components(r: dict) -> tuple[str, str, str]:
 
 
 def columns(results: list[dict]) -> list[tuple[str, str]]:
-    return sorted({(r["model"], bits(r)) for r in results}, key=lambda c: (c[0], bits_key(c[1])))
+    return sorted({(r["model"], bits(r)) for r in results}, key=lambda c: (model_key(c[0]), bits_key(c[1])))
 
 
 def ablation_table(results: list[dict]) -> str | None:
@@ -366,7 +373,7 @@ def plot_top1(results: list[dict]) -> bytes:
     from matplotlib import colormaps
 
     label_runs(results)
-    models = sorted({r["model"] for r in results})
+    models = sorted({r["model"] for r in results}, key=model_key)
     labels = ordered_labels(results)
     cmap = colormaps["tab10" if len(labels) <= 10 else "tab20"]
     colour = {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}

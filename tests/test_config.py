@@ -165,3 +165,47 @@ def test_multi_node_slurm_launcher_follows_the_trainer():
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
     assert (cfg.trainer.strategy, cfg.trainer.accelerator) == ("ddp", "gpu")
+
+
+def sweep_jobs(name: str) -> tuple[object, list[list[str]]]:
+    """(composed config of `sweep=<name>`, every job's overrides) as Hydra's basic sweeper expands them."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"sweep={name}"], return_hydra_config=True)
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        params = parser.parse_overrides([f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()])
+    axes = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+            else [f"{o.get_key_element()}={o.get_value_element_as_str()}"] for o in params]
+    return cfg, [list(job) for job in itertools.product(*axes)]
+
+
+@pytest.mark.parametrize("name,jobs,models,methods,seeds,iters,calib", [
+    ("embedded", 120, {"resnet20_fmnist", "mobilenetv2_fmnist"}, {"rtn_mse", "adaround", "brecq", "qdrop", "pdquant"},
+     {1, 2, 3}, 100, 256),
+    ("table3", 480, {"resnet18_brecq", "resnet50_brecq", "mobilenetv2_brecq", "regnetx_600m", "regnetx_3200m",
+                     "mnasnet_x2"}, {"pdquant", "qdrop"}, set(range(10)), 20000, 1024),
+    ("ablation", 200, {"resnet18_brecq", "mobilenetv2_brecq"}, {"qdrop", "pd_only", "pd_reg", "qdrop_dc", "pdquant"},
+     set(range(10)), 20000, 1024),
+])
+def test_named_sweeps_expand_to_their_tables_jobs(make_cfg, name, jobs, models, methods, seeds, iters, calib):
+    """`python run.py sweep=<name>` is a multirun (no -m) into a fixed dir that resumes when run again; every
+    job composes, with the table's model, bits, method, seed, steps and calibration size."""
+    cfg, expanded = sweep_jobs(name)
+    assert (str(cfg.hydra.mode), cfg.hydra.sweep.dir, cfg.resume) == ("RunMode.MULTIRUN", f"outputs/sweeps/{name}",
+                                                                      "auto")
+    assert len(expanded) == jobs
+    seen = set()
+    for job in expanded:
+        if job[2] != expanded[0][2]:  # the first seed only: one composition per cell keeps this test quick
+            continue
+        c = make_cfg(f"sweep={name}", *job, "data.root=/data/imagenet")
+        seen.add((c.model.name, c.method.name, f"w{c.quant.w_bits}a{c.quant.a_bits}"))
+        assert c.method.get("iters", iters) == iters and c.calib.size == calib and c.resume == "auto"
+    assert {s[0] for s in seen} == models and {s[1] for s in seen} == methods
+    assert {s[2] for s in seen} == ({"w2a2", "w4a2"} if name == "ablation" else {"w4a4", "w2a4", "w4a2", "w2a2"})
+    assert len(seen) == jobs // len(seeds)
+    assert {int(j[2].split("=")[1]) for j in expanded} == seeds

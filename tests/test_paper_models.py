@@ -83,6 +83,45 @@ def test_release_style_checkpoint_under_model_key_loads(name, tmp_path):
         build_model(name)
 
 
+RELEASE = {"resnet18_brecq": "resnet18_imagenet.pth.tar", "resnet50_brecq": "resnet50_imagenet.pth.tar",
+           "mobilenetv2_brecq": "mobilenetv2.pth.tar", "regnetx_600m": "regnet_600m.pth.tar",
+           "regnetx_3200m": "regnet_3200m.pth.tar", "mnasnet_x2": "mnasnet.pth.tar"}
+
+
+def test_checkpoint_dir_loads_each_models_release_file_by_its_brecq_name(make_cfg, tmp_path):
+    """One folder of BRECQ's release files serves every paper experiment (model.checkpoint_dir=)."""
+    from pdq.errors import instantiate
+
+    sources = {}
+    for name in ("resnet18_brecq", "mobilenetv2_brecq"):
+        sources[name] = fresh(name)
+        state = sources[name].state_dict()
+        torch.save({"model": state} if name == "mobilenetv2_brecq" else state, tmp_path / RELEASE[name])
+    x = torch.randn(2, 3, 64, 64)
+    for name, src in sources.items():
+        cfg = make_cfg(f"experiment=paper/{name}_w2a2", f"model.checkpoint_dir={tmp_path}", "data.root=/x")
+        with torch.no_grad():
+            assert torch.equal(instantiate(cfg.model)(x), src(x))
+    # model.checkpoint wins over the folder
+    other = fresh("resnet18_brecq")
+    torch.nn.init.normal_(other.fc.weight)
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    model = build_model("resnet18_brecq", checkpoint=str(tmp_path / "other.pt"), checkpoint_dir=str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(model(x), other(x))
+    with pytest.raises(PdqError, match=r"checkpoint_dir='.*' has no regnet_600m.pth.tar for regnetx_600m"):
+        build_model("regnetx_600m", checkpoint_dir=str(tmp_path))
+    with pytest.raises(PdqError, match=r"applies to models with a known release file .*resnet18_brecq: "
+                                       r"resnet18_imagenet.pth.tar.*; resnet18 loads model.checkpoint=PATH"):
+        build_model("resnet18", checkpoint_dir=str(tmp_path))
+
+
+def test_release_file_names_are_brecqs():
+    from pdq.models.registry import RELEASE_FILES
+
+    assert RELEASE_FILES == RELEASE
+
+
 def test_deep_stem_and_avg_down_resnet_checkpoints_are_recognised(tmp_path):
     # BRECQ's ResNet class also has deep_stem (three 3x3 convs 3->32->32->64) and avg_down shortcuts;
     # a checkpoint saved with them switches the model to that layout: +2 convs and 2 BNs =
@@ -135,6 +174,6 @@ PTQ = {  # spec §5.4 / PD-Quant run_script.py: round-loss weight, temperature, 
 @pytest.mark.parametrize("name", NAMES)
 def test_model_configs_carry_the_official_ptq_settings(make_cfg, name):
     cfg = make_cfg(f"model={name}").model
-    assert cfg.name == name and cfg.checkpoint is None and cfg.weights is None
+    assert cfg.name == name and cfg.checkpoint is None and cfg.checkpoint_dir is None and cfg.weights is None
     assert (cfg.ptq.round_weight, cfg.ptq.temperature, cfg.ptq.lambda_c) == PTQ[name]
     assert cfg.ptq.iters == 20000 and cfg.ptq.dc_steps == 500

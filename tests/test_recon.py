@@ -163,6 +163,18 @@ def test_resume_refuses_other_settings(make_cfg, tmp_path):
 
     with pytest.raises(PdqError, match=r"other settings \(quant differ"):
         run(make_cfg(*SHORT, "method=qdrop", "method.iters=2", "quant=w2a2", f"resume={tmp_path / 'a'}"))
+    # resume=auto in a finished dir: the same settings do nothing, other settings are refused
+    results = tmp_path / "a" / "results.json"
+    stamp = (results.read_bytes(), results.stat().st_mtime_ns)
+    again = run(make_cfg(*args, "resume=auto", f"paths.output_dir={tmp_path / 'a'}"))
+    assert again == json.loads(stamp[0]) and (results.read_bytes(), results.stat().st_mtime_ns) == stamp
+    with pytest.raises(PdqError, match=r"resume=auto: .*results.json holds the results of other settings "
+                                       r"\(method differ\)"):
+        run(make_cfg(*SHORT, "method=qdrop", "method.iters=3", "quant=w4a4", "resume=auto",
+                     f"paths.output_dir={tmp_path / 'a'}"))
+    # and in a fresh dir it is a plain run
+    fresh = run(make_cfg(*args, "resume=auto", f"paths.output_dir={tmp_path / 'b'}"))
+    assert fresh["quant_top1"] == again["quant_top1"] and (tmp_path / "b" / "results.json").is_file()
 
 
 def test_w2a4_reconstruction_beats_round_to_nearest(make_cfg, tmp_path):

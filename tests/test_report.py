@@ -62,6 +62,22 @@ def test_cells_are_mean_and_std_over_seeds_and_missing_jobs_are_listed(tmp_path,
     assert not [p for p in report.iterdir() if p.name.startswith(".")]  # no temp files left by atomic writes
 
 
+def test_table3_layout_has_the_papers_model_columns_and_method_rows(tmp_path):
+    """Models as the paper's Table 3 orders them (not by name), other models after them; methods in paper order."""
+    models = ["mnasnet_x2", "zoo_net", "resnet50_brecq", "regnetx_600m", "resnet18_brecq", "mobilenetv2_brecq",
+              "regnetx_3200m"]
+    for i, model in enumerate(models):
+        for method in ("pdquant", "qdrop"):
+            write_job(tmp_path, f"{i}_{method}", model=model, method=method, quant_top1=50.0 + i, seed=0)
+    assert main([str(tmp_path)]) == 0
+    header = section((tmp_path / "report" / "table.md").read_text(), "W2A4").splitlines()[1]
+    assert header == ("| method | resnet18_brecq | resnet50_brecq | mobilenetv2_brecq | regnetx_600m | regnetx_3200m "
+                      "| mnasnet_x2 | zoo_net |")
+    rows = [line.split(" |")[0] for line in section((tmp_path / "report" / "table.md").read_text(), "W2A4").splitlines()
+            if line.startswith("| ") and not line.startswith("| method")]
+    assert rows == ["| FP", "| qdrop", "| pdquant"]
+
+
 def test_runs_with_different_iters_or_calib_are_separate_labelled_rows(tmp_path):
     write_job(tmp_path, "a", quant_top1=60.0, seed=1, iters=100)
     write_job(tmp_path, "b", quant_top1=62.0, seed=2, iters=100)

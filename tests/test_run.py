@@ -138,3 +138,24 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
     jobs = sorted(tmp_path.glob("*/results.json"))
     assert [json.loads(p.read_text())["method"] for p in jobs] == ["rtn_minmax", "rtn_mse"]
     assert "Joblib" in (tmp_path / "multirun.yaml").read_text()
+
+
+def test_named_sweep_runs_without_m_and_a_second_run_skips_finished_jobs(tmp_path):
+    """`run.py sweep=embedded` is a multirun; command-line values replace the swept ones; run again, its
+    finished jobs are skipped (resume=auto), so an interrupted sweep is continued by the same command."""
+    args = ["sweep=embedded", "experiment=embedded/resnet20_fmnist_w4a4", "method=rtn_minmax", "seed=1,2",
+            "calib.act_init_size=32", "data.eval_subset=200", "logger=none", f"hydra.sweep.dir={tmp_path}"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    jobs = sorted(tmp_path.glob("*/results.json"))
+    res = [json.loads(p.read_text()) for p in jobs]
+    assert [(r["method"], r["seed"], r["calib_size"], r["w_bits"], r["a_bits"]) for r in res] == \
+        [("rtn_minmax", 1, 256, 4, 4), ("rtn_minmax", 2, 256, 4, 4)]
+    stamps = [(p.read_bytes(), p.stat().st_mtime_ns) for p in jobs]
+    (jobs[1]).unlink()  # as if the sweep had been stopped before its second job finished
+    second = run_cli(*args)
+    assert second.returncode == 0, second.stderr[-2000:]
+    out = second.stdout + second.stderr
+    assert out.count("nothing to do") == 1 and "FP top-1" in out
+    assert (jobs[0].read_bytes(), jobs[0].stat().st_mtime_ns) == stamps[0]
+    assert json.loads(jobs[1].read_text())["quant_top1"] == res[1]["quant_top1"]

@@ -80,12 +80,12 @@ class ResNetBRECQ(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-@register_model("resnet18_brecq")
+@register_model("resnet18_brecq", release_file="resnet18_imagenet.pth.tar")
 def resnet18_brecq(num_classes: int = 1000, **kwargs) -> ResNetBRECQ:
     return ResNetBRECQ(BasicBlock, (2, 2, 2, 2), num_classes, **kwargs)
 
 
-@register_model("resnet50_brecq")
+@register_model("resnet50_brecq", release_file="resnet50_imagenet.pth.tar")
 def resnet50_brecq(num_classes: int = 1000, **kwargs) -> ResNetBRECQ:
     return ResNetBRECQ(Bottleneck, (3, 4, 6, 3), num_classes, **kwargs)
 
@@ -139,7 +139,7 @@ class MobileNetV2BRECQ(nn.Module):
         return self.classifier(self.features(x).mean([2, 3]))
 
 
-@register_model("mobilenetv2_brecq")
+@register_model("mobilenetv2_brecq", release_file="mobilenetv2.pth.tar")
 def mobilenetv2_brecq(num_classes: int = 1000) -> MobileNetV2BRECQ:
     return MobileNetV2BRECQ(num_classes)
 
@@ -244,12 +244,12 @@ class RegNetX(nn.Module):
         return x
 
 
-@register_model("regnetx_600m")
+@register_model("regnetx_600m", release_file="regnet_600m.pth.tar")
 def regnetx_600m(num_classes: int = 1000) -> RegNetX:
     return RegNetX((48, 96, 240, 528), (1, 3, 5, 7), 24, num_classes)
 
 
-@register_model("regnetx_3200m")
+@register_model("regnetx_3200m", release_file="regnet_3200m.pth.tar")
 def regnetx_3200m(num_classes: int = 1000) -> RegNetX:
     return RegNetX((96, 192, 432, 1008), (2, 6, 15, 2), 48, num_classes)
 
@@ -285,6 +285,6 @@ class MNASNetBRECQ(nn.Module):
         return self.classifier(self.layers(x).mean([2, 3]))
 
 
-@register_model("mnasnet_x2")
+@register_model("mnasnet_x2", release_file="mnasnet.pth.tar")
 def mnasnet_x2(num_classes: int = 1000) -> MNASNetBRECQ:
     return MNASNetBRECQ(num_classes)

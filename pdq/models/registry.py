@@ -24,11 +24,15 @@ EMBEDDED: dict[str, Callable[..., nn.Module]] = {
 }
 #: further pdq-defined architectures (the paper zoo registers here); loaded from `checkpoint=`
 REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+#: the file name of a registered model's released checkpoint, looked up in `checkpoint_dir=`
+RELEASE_FILES: dict[str, str] = {}
 
 
-def register_model(name: str):
+def register_model(name: str, release_file: str | None = None):
     def deco(fn):
         REGISTRY[name] = fn
+        if release_file:
+            RELEASE_FILES[name] = release_file
         return fn
     return deco
 
@@ -91,12 +95,29 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
     return model
 
 
+def release_checkpoint(name: str, checkpoint_dir: str | Path) -> Path:
+    """`checkpoint_dir/<the release file of model name>` (e.g. BRECQ's `resnet18_imagenet.pth.tar`)."""
+    if name not in RELEASE_FILES:
+        raise PdqError(f"model.checkpoint_dir applies to models with a known release file "
+                       f"({', '.join(f'{m}: {f}' for m, f in sorted(RELEASE_FILES.items()))}); "
+                       f"{name} loads model.checkpoint=PATH")
+    path = Path(checkpoint_dir).expanduser() / RELEASE_FILES[name]
+    if not path.is_file():
+        raise PdqError(f"model.checkpoint_dir={str(checkpoint_dir)!r} has no {RELEASE_FILES[name]} for {name} "
+                       f"(expected {path}); or set model.checkpoint=PATH")
+    return path
+
+
 def build_model(name: str, checkpoint: str | None = None, weights: str | None = None,
-                pretrained: bool = True, num_classes: int | None = None, ptq: dict | None = None) -> nn.Module:
+                pretrained: bool = True, num_classes: int | None = None, ptq: dict | None = None,
+                checkpoint_dir: str | None = None) -> nn.Module:
     """Build model `name` in eval mode. Embedded models load their bundled checkpoint unless
-    `checkpoint=` is given; torchvision models need `weights=` (enum name) or `checkpoint=`.
+    `checkpoint=` is given; torchvision models need `weights=` (enum name) or `checkpoint=`; the paper
+    models load `checkpoint=` or their release file from `checkpoint_dir=` (`checkpoint` wins).
     `ptq` holds the model's PTQ settings for the method configs; it does not change the model."""
     check_model_name(name)
+    if checkpoint_dir is not None and checkpoint is None:
+        checkpoint = str(release_checkpoint(name, checkpoint_dir))
     kwargs = {"num_classes": num_classes} if num_classes else {}
     if name in EMBEDDED or name in REGISTRY:
         if weights:
