@@ -402,7 +402,12 @@ def plot_top1(results: list[dict]) -> bytes:
         ax.set_xticks(range(len(bit_cols)), bit_cols)
         ax.set_ylabel("top-1 (%)")
         ax.set_title(model)
-        ax.legend(fontsize=7, loc="lower left")
+    handles = {}  # one legend for all panels, below them, so that it hides no bar
+    for ax in axes.flat[:len(models)]:
+        for handle, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, handle)
+    fig.legend(list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(len(handles), 6), fontsize=8, frameon=False)
     return _png(fig)
 
 
