@@ -84,7 +84,10 @@ def finished_results(cfg: DictConfig) -> dict | None:
     path = Path(cfg.paths.output_dir) / "results.json"
     if cfg.get("resume") != "auto" or not path.is_file():
         return None
-    results = json.loads(path.read_text())
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PdqError(f"resume=auto: {path} is not valid JSON ({e}); remove it to run this job again") from None
     saved, now = results.get("config") or {}, fingerprint(cfg)
     diff = sorted(k for k in now if saved.get(k) != now[k])
     if diff:

@@ -172,6 +172,10 @@ def test_resume_refuses_other_settings(make_cfg, tmp_path):
                                        r"\(method differ\)"):
         run(make_cfg(*SHORT, "method=qdrop", "method.iters=3", "quant=w4a4", "resume=auto",
                      f"paths.output_dir={tmp_path / 'a'}"))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "results.json").write_text('{"quant_top1": 5')  # edited by hand, cut short
+    with pytest.raises(PdqError, match=r"resume=auto: .*results.json is not valid JSON .*remove it"):
+        run(make_cfg(*args, "resume=auto", f"paths.output_dir={tmp_path / 'c'}"))
     # and in a fresh dir it is a plain run
     fresh = run(make_cfg(*args, "resume=auto", f"paths.output_dir={tmp_path / 'b'}"))
     assert fresh["quant_top1"] == again["quant_top1"] and (tmp_path / "b" / "results.json").is_file()
