@@ -79,6 +79,12 @@ def fingerprint(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(keep)), resolve=True)
 
 
+def settings_diff(saved: dict | None, cfg: DictConfig) -> list[str]:
+    """The fingerprint keys (model, data, ...) in which `saved` differs from this run's config."""
+    now = fingerprint(cfg)
+    return sorted(k for k in now if (saved or {}).get(k) != now[k])
+
+
 def finished_results(cfg: DictConfig) -> dict | None:
     """With `resume=auto`: the `results.json` already in this run's own dir, when the same settings made it."""
     path = Path(cfg.paths.output_dir) / "results.json"
@@ -88,8 +94,7 @@ def finished_results(cfg: DictConfig) -> dict | None:
         results = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise PdqError(f"resume=auto: {path} is not valid JSON ({e}); remove it to run this job again") from None
-    saved, now = results.get("config") or {}, fingerprint(cfg)
-    diff = sorted(k for k in now if saved.get(k) != now[k])
+    diff = settings_diff(results.get("config"), cfg)
     if diff:
         raise PdqError(f"resume=auto: {path} holds the results of other settings ({', '.join(diff)} differ); "
                        f"give this run another dir (hydra.run.dir / hydra.sweep.dir) or remove that one")
@@ -105,9 +110,8 @@ def load_resume_state(cfg: DictConfig) -> tuple[Path, dict | None]:
     if cfg.resume == "auto" and not (run_dir / STATE_FILE).is_file():
         return run_dir, None
     state = torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=False)
-    saved, now = state.get("fingerprint"), fingerprint(cfg)
-    if saved != now:
-        diff = sorted(k for k in now if (saved or {}).get(k) != now[k])
+    diff = settings_diff(state.get("fingerprint"), cfg)
+    if diff:
         raise PdqError(f"resume={cfg.resume!r}: the interrupted run in {run_dir} was made with other settings "
                        f"({', '.join(diff)} differ); resume with the interrupted run's overrides")
     log.info("resuming %s after %d finished units", run_dir, len(state["units"]))

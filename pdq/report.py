@@ -140,12 +140,17 @@ def label_runs(results: list[dict]) -> None:
         r["_label"] = label
 
 
+def order_key(order: list[str], name: str) -> tuple:
+    """Sort key: the position in `order`, then any name not in it, alphabetically."""
+    return (order.index(name), "") if name in order else (len(order), name)
+
+
 def method_key(method: str) -> tuple:
-    return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+    return order_key(METHOD_ORDER, method)
 
 
 def model_key(model: str) -> tuple:
-    return (MODEL_ORDER.index(model), "") if model in MODEL_ORDER else (len(MODEL_ORDER), model)
+    return order_key(MODEL_ORDER, model)
 
 
 def label_key(runs: list[dict]) -> tuple:
