@@ -1,15 +1,11 @@
 """pdq's one entry point: `python run.py [hydra overrides]` (see conf/config.yaml and the README)."""
 
 import logging
-import os
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
-import pdq  # noqa: F401  (registers pdq's config resolvers before Hydra composes)
-
-os.environ.setdefault("WANDB_MODE", "offline")
 log = logging.getLogger("pdq")
 
 

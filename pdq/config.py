@@ -1,7 +1,9 @@
-"""OmegaConf resolvers used by conf/ (registered when pdq is imported)."""
+"""The OmegaConf resolvers conf/ uses, registered only while a run resolves its config (`resolvers()`),
+so that importing pdq leaves OmegaConf as it was."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -26,4 +28,17 @@ def sweep_group(default: str) -> str:
         return str(sweep).lstrip(os.sep)
 
 
-OmegaConf.register_new_resolver("pdq.sweep_group", sweep_group, replace=True)
+RESOLVERS = {"pdq.sweep_group": sweep_group}
+
+
+@contextlib.contextmanager
+def resolvers():
+    """pdq's resolvers registered inside the block; those that were not registered before are removed after."""
+    added = [name for name in RESOLVERS if not OmegaConf.has_resolver(name)]
+    for name in added:
+        OmegaConf.register_new_resolver(name, RESOLVERS[name])
+    try:
+        yield
+    finally:
+        for name in added:
+            OmegaConf.clear_resolver(name)

@@ -12,17 +12,18 @@ import torch
 from pdq.distributed import SINGLE, Dist
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunContext:
+    """The run's settings come from the config (conf/config.yaml `calib.*`, `seed`): no defaults here."""
     device: torch.device
-    seed: int = 0
-    batch_size: int = 32              # reconstruction and caching batch
-    act_init_size: int = 256          # images that initialise activation quantizers
+    seed: int                         # seed
+    batch_size: int                   # calib.batch_size: reconstruction and caching batch
+    act_init_size: int                # calib.act_init_size: images that initialise activation quantizers
+    cache_dtype: torch.dtype          # calib.cache_dtype
     trainer: Callable[..., L.Trainer] | None = None   # partial Trainer (conf/trainer)
     logger: object | None = None      # Lightning logger shared by every unit's fit
     out_dir: Path | None = None       # where the per-unit state is saved
     resume_state: dict | None = None  # a saved state to continue from
-    cache_dtype: torch.dtype = torch.float32
     log_every: int = 50
     reconstruct_stem: bool = True     # the `brecq` layout leaves the first unit as it is
     fingerprint: dict | None = None   # what a resumed run must share with the saved one

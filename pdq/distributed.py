@@ -35,7 +35,6 @@ from torch import nn
 from pdq.errors import PdqError
 
 log = logging.getLogger("pdq")
-ENTRY = Path(__file__).resolve().parents[1] / "run.py"
 DDP_STRATEGIES = ("ddp", "ddp_find_unused_parameters_true")
 TIMEOUT = datetime.timedelta(minutes=30)
 
@@ -54,6 +53,11 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def progress_disable(self) -> bool | None:
+        """tqdm's `disable`: off on ranks other than 0, else automatic (off when stderr is not a terminal)."""
+        return True if not self.main else None
 
     def shard(self, n: int) -> slice:
         """This rank's contiguous, equal share of `n` items (n is a multiple of world_size)."""
@@ -110,12 +114,6 @@ class Dist:
 
 
 SINGLE = Dist()
-_quiet = False
-
-
-def progress_disabled() -> bool | None:
-    """tqdm's `disable`: off on ranks other than 0, else automatic (off when stderr is not a terminal)."""
-    return True if _quiet else None
 
 
 def state_sha256(module: nn.Module) -> str:
@@ -182,14 +180,17 @@ def _environment(world: int, devices: int):
 
 
 def _child_command(out_dir: Path) -> list[str]:
-    """This Hydra job again, in the same run dir, writing neither Hydra files nor a log file of its own."""
+    """This Hydra job again, started as this process was (`python run.py`, `python -m ...` or an installed
+    script), in the same run dir, writing neither Hydra files nor a log file of its own."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         raise PdqError("a multi-process run (trainer.devices > 1) starts its ranks through `python run.py`; "
                        "accepted otherwise: processes started by torchrun or srun")
+    argv = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    launch = argv[1:len(argv) - (len(sys.argv) - 1)]  # the interpreter's own options and the script or -m module
     overrides = list(HydraConfig.get().overrides.task)
-    return [sys.executable, str(ENTRY), *overrides, f"hydra.run.dir={out_dir}", "hydra.output_subdir=null",
+    return [sys.executable, *launch, *overrides, f"hydra.run.dir={out_dir}", "hydra.output_subdir=null",
             "hydra/job_logging=stdout", "hydra/hydra_logging=none"]
 
 
@@ -213,11 +214,28 @@ def _watch_parent(parent: int, stop: threading.Event) -> None:
 
 
 @contextlib.contextmanager
+def _rank_scope(dist: Dist):
+    """For one session: Lightning's rank-zero switch says this process's rank, and pdq's log is quiet on
+    ranks other than 0. Both are restored after."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    pdq_log = logging.getLogger("pdq")
+    saved_rank, saved_level = getattr(rank_zero_only, "rank", 0), pdq_log.level
+    rank_zero_only.rank = dist.rank
+    if not dist.main:
+        pdq_log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        rank_zero_only.rank = saved_rank
+        pdq_log.setLevel(saved_level)
+
+
+@contextlib.contextmanager
 def session(trainer_cfg, out_dir: Path):
     """The `Dist` of this process for the run's duration (one process: `SINGLE`, nothing started). When
     this process starts the other ranks, the environment and thread count it changes are restored after,
     so that the next job of a sequential multirun starts its own ranks again."""
-    global _quiet
     world = world_size_of(trainer_cfg)
     if world == 1:
         yield SINGLE
@@ -243,21 +261,15 @@ def session(trainer_cfg, out_dir: Path):
         tdist.init_process_group(backend, init_method=f"tcp://{env.main_address}:{env.main_port}",
                                  rank=env.global_rank(), world_size=world, timeout=TIMEOUT)
         dist = Dist(rank=env.global_rank(), world_size=world, local_rank=env.local_rank(), device=device)
-        from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-        rank_zero_only.rank = dist.rank
-        _quiet = not dist.main
-        if not dist.main:
-            logging.getLogger("pdq").setLevel(logging.WARNING)
-        log.info("DDP: %d processes (%s), rank %d", world, backend, dist.rank)
-        yield dist
-        tdist.barrier()
+        with _rank_scope(dist):
+            log.info("DDP: %d processes (%s), rank %d", world, backend, dist.rank)
+            yield dist
+            tdist.barrier()
         ok = True
     finally:
         stop.set()
         if tdist.is_initialized():
             tdist.destroy_process_group()
-        _quiet = False
         if children:
             os.environ.clear()
             os.environ.update(saved_env)

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from pdq.distributed import SINGLE, Dist, progress_disabled
+from pdq.distributed import SINGLE, Dist
 
 
 @torch.no_grad()
@@ -21,7 +21,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: s
                             batch_size=loader.batch_size, num_workers=loader.num_workers,
                             pin_memory=loader.pin_memory)
     correct = total = 0
-    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=progress_disabled()):
+    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=dist.progress_disable):
         pred = model(x.to(device, non_blocking=True)).argmax(dim=1)
         correct += (pred.cpu() == y).sum().item()
         total += y.numel()

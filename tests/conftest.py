@@ -25,6 +25,29 @@ def make_cfg(tmp_path):
     return _make
 
 
+def compose_config(*overrides: str):
+    """The real composed config (conf/config.yaml) with `overrides`, outside any test's tmp dir."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def make_phase(method: str = "qdrop", index: int = 0, **settings):
+    """Phase `index` of a method as composed from conf/ (`method.<key>=value` for each setting), so that
+    tests use the YAML's values and not a copy of them."""
+    from pdq.errors import instantiate
+
+    cfg = compose_config(f"method={method}", *(f"method.{k}={v}" for k, v in settings.items()))
+    return instantiate(cfg.method).phases[index]
+
+
+def make_dc(**overrides):
+    """PD-Quant's composed DC settings with `overrides`."""
+    from dataclasses import replace
+
+    return replace(make_phase("pdquant").dc, **overrides)
+
+
 def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, **env_vars: str) -> subprocess.CompletedProcess:
     """`python run.py ARGS` in a subprocess (stdout+stderr captured), with `env_vars` added to its environment."""
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", **env_vars}

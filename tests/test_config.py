@@ -8,6 +8,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from torch import nn
 
+from pdq.config import resolvers
 from pdq.errors import PdqError, instantiate
 from pdq.pipeline import close_logger
 from pdq.quant import BitLayout
@@ -71,7 +72,8 @@ def test_trainer_configs(make_cfg, name):
 @pytest.mark.parametrize("name", options("logger"))
 def test_logger_configs(make_cfg, name, tmp_path):
     cfg = make_cfg(f"logger={name}")
-    logger = instantiate(cfg.logger) if cfg.logger else None
+    with resolvers():
+        logger = instantiate(cfg.logger) if cfg.logger else None
     if name == "none":
         assert logger is None
         return
@@ -90,20 +92,75 @@ def test_debug_configs(make_cfg, name):
     assert make_cfg(f"debug={name}").calib.size < 1024
 
 
-def test_reconstruction_optimisers_come_from_config(make_cfg):
+RECONSTRUCTION = [m for m in options("method") if not m.startswith("rtn_")]
+
+
+@pytest.mark.parametrize("name", RECONSTRUCTION)
+def test_every_phase_fits_with_the_composed_learning_rates_and_steps(make_cfg, name):
+    """One source per setting: the optimisers a unit's fit builds use the composed method's round_lr and
+    scale_lr, and the scale schedule spans the phase's steps (BRECQ's activation phase: act_iters)."""
     import torch
 
-    method = instantiate(make_cfg("method=qdrop", "method.round_lr=0.5", "method.iters=7").method)
-    phase = method.phases[0]
-    p = torch.nn.Parameter(torch.zeros(3))
-    opt = phase.round_optimizer([p])
-    assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["lr"] == 0.5
-    sched = phase.scale_scheduler(phase.scale_optimizer([p]))
-    assert isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR) and sched.T_max == 7
-    sgd = instantiate(make_cfg("method=adaround", "method.phases.0.round_optimizer._target_=torch.optim.SGD").method)
-    assert isinstance(sgd.phases[0].round_optimizer([p]), torch.optim.SGD)
-    brecq = instantiate(make_cfg("method=brecq", "method.act_iters=3").method)
-    assert brecq.phases[1].scale_scheduler(brecq.phases[1].scale_optimizer([p])).T_max == 3
+    from pdq.recon.module import UnitReconstruction
+
+    cfg = make_cfg(f"method={name}", "method.iters=7", *(["method.act_iters=5"] if name == "brecq" else []))
+    method = instantiate(cfg.method)
+    for i, phase in enumerate(method.phases):
+        ada = type("Ada", (nn.Module,), {})()
+        ada.alpha = nn.Parameter(torch.zeros(3))
+        module = UnitReconstruction(nn.Identity(), None, phase, adarounds=[ada] if phase.learn_rounding else [],
+                                    scales=[nn.Parameter(torch.ones(()))] if phase.learns_scales else [],
+                                    mask_generator=torch.Generator(), log_prefix="u", step_offset=0, log_every=1,
+                                    suffix=nn.Identity())
+        opts, scheds = module.configure_optimizers()
+        lrs = ([cfg.method.round_lr] if phase.learn_rounding else []) + ([cfg.method.scale_lr] if phase.learns_scales
+                                                                          else [])
+        assert [o.param_groups[0]["lr"] for o in opts] == lrs and lrs, (name, i)
+        assert [s.T_max for s in scheds] == ([phase.iters] if phase.learns_scales else [])
+        assert phase.iters == (5 if (name, i) == ("brecq", 1) else 7)
+        assert phase.temperature == cfg.model.ptq.temperature and phase.round_weight == cfg.model.ptq.round_weight
+        assert phase.dc.lambda_c == cfg.model.ptq.lambda_c and phase.dc.steps == cfg.model.ptq.dc_steps
+    sgd = instantiate(make_cfg(f"method={name}", "method.round_optimizer._target_=torch.optim.SGD").method)
+    assert all(isinstance(p.round_optimizer([nn.Parameter(torch.zeros(1))]), torch.optim.SGD) for p in sgd.phases)
+
+
+@pytest.mark.parametrize("name", options("method"))
+def test_an_unknown_method_key_is_one_error_naming_it(make_cfg, name):
+    with pytest.raises(PdqError, match=r"iter=5 is not a setting of .*; accepted: .*(iters|weight_observer)"):
+        instantiate(make_cfg(f"method={name}", "++method.iter=5").method)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("method.iters=-5", "method.iters=-5 .*an integer >= 0"),
+    ("method.iters=2.5", "method.iters=2.5 .*an integer"),
+    ("method.temperature=0", "method.temperature=0 .*> 0"),
+    ("method.pd_weight=-1", "method.pd_weight=-1 .*>= 0"),
+    ("method.drop_prob=1.5", r"method.drop_prob=1.5 .*\[0, 1\]"),
+    ("method.input_prob=-0.1", r"method.input_prob=-0.1 .*\[0, 1\]"),
+    ("method.dc.steps=-1", "method.dc.steps=-1 .*>= 1"),
+    ("method.dc.chunk=0", "method.dc.chunk=0 .*>= 1"),
+    ("method.dc.lambda_c=inf", "method.dc.lambda_c=inf .*finite"),
+    ("method.round_lr=nan", "method.round_lr=nan .*finite"),
+    ("method.scale_lr=0", "method.scale_lr=0 .*> 0"),
+    ("method.warmup=1.0", r"method.warmup=1.0 .*\[0, 1\)"),
+    ("method.b_range=[20]", "method.b_range=.*two numbers"),
+    ("method.pattern=blocks", "method.pattern='blocks' .*block, layer"),
+    ("method.learn_rounding=2", "method.learn_rounding=2 .*true or false"),
+    ("method.weight_observer.p=0", "p=0 .*> 0"),
+    ("method.act_observer.grid=0", "grid=0 .*>= 1"),
+    ("method.act_observer.max_samples=-3", "max_samples=-3 .*>= 1"),
+])
+def test_bad_method_values_are_one_error(make_cfg, override, message):
+    with pytest.raises(PdqError, match=message):
+        instantiate(make_cfg("method=pdquant", override).method)
+
+
+def test_nothing_to_learn_from_is_refused_up_front(make_cfg):
+    with pytest.raises(PdqError, match="rec_weight=0 and method.pd_weight=0 leave nothing to learn from"):
+        instantiate(make_cfg("method=qdrop", "method.rec_weight=0").method)
+    # with nothing learned, both weights may be 0
+    instantiate(make_cfg("method=qdrop", "method.rec_weight=0", "method.learn_rounding=false",
+                         "method.learn_act_scale=false").method)
 
 
 EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix(""))
@@ -138,13 +195,15 @@ def test_wandb_group_is_the_sweep_dir_in_a_multirun(make_cfg, monkeypatch):
     from omegaconf import OmegaConf
 
     cfg = make_cfg("logger=wandb", "method=qdrop", "quant=w2a2", "seed=4")
-    assert cfg.logger.group == "resnet20_fmnist_qdrop_w2a2"  # a single run
-    assert list(cfg.logger.tags) == ["resnet20_fmnist", "qdrop", "w2a2", "seed4"]
-    job = OmegaConf.create({"mode": RunMode.MULTIRUN, "runtime": {"output_dir": "/w/outputs/multiruns/d/t/3_job",
-                                                                  "cwd": "/w"}})
-    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
-    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: job))
-    assert cfg.logger.group == "outputs/multiruns/d/t"  # every job of the sweep: one group
+    with resolvers():
+        assert cfg.logger.group == "resnet20_fmnist_qdrop_w2a2"  # a single run
+        assert list(cfg.logger.tags) == ["resnet20_fmnist", "qdrop", "w2a2", "seed4"]
+        job = OmegaConf.create({"mode": RunMode.MULTIRUN,
+                                "runtime": {"output_dir": "/w/outputs/multiruns/d/t/3_job", "cwd": "/w"}})
+        monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+        monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: job))
+        assert cfg.logger.group == "outputs/multiruns/d/t"  # every job of the sweep: one group
+    assert not OmegaConf.has_resolver("pdq.sweep_group")  # registered only inside the block
 
 
 @pytest.mark.parametrize("name,target", [("joblib", "JoblibLauncher"), ("slurm", "SlurmLauncher")])

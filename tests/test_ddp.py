@@ -13,9 +13,9 @@ import torch.multiprocessing as mp
 from pdq.distributed import SINGLE, Dist, world_size_of
 from pdq.errors import PdqError
 from pdq.pipeline import run
-from pdq.recon.dc import DCConfig, correct
+from pdq.recon.dc import correct
 from pdq.recon.engine import STATE_FILE
-from tests.conftest import kill_after_unit, run_cli
+from tests.conftest import kill_after_unit, make_dc, run_cli
 
 CELL = ["method=qdrop", "method.iters=10", "quant=w2a4", "calib.size=64", "calib.act_init_size=32",
         "data.eval_subset=1000", "paths.cache_dir=null", "logger=csv"]
@@ -83,7 +83,7 @@ def test_bad_ddp_settings_stop_with_one_clear_error(make_cfg, tmp_path):
     with pytest.raises(PdqError, match=r"trainer.devices='two' is not accepted"):
         world_size_of({"accelerator": "cpu", "devices": "two", "strategy": "ddp"})
     with pytest.raises(PdqError, match=r"calib.size=63 does not split evenly over 2 processes"):
-        run(make_cfg("trainer=ddp_cpu", "calib.size=63"))
+        run(make_cfg("trainer=ddp_cpu", "calib.size=63", "calib.act_init_size=32"))
     with pytest.raises(PdqError, match=r"calib.batch_size=33 does not split evenly over 2 processes"):
         run(make_cfg("trainer=ddp_cpu", "calib.batch_size=33"))
     with pytest.raises(PdqError, match=r"starts its ranks through `python run.py`"):
@@ -121,7 +121,7 @@ def test_dc_and_gathering_over_two_ranks_equal_one_process(tmp_path, chunk):
     """DC of each rank's shard (one chunk over the whole set: lockstep on the summed loss; or chunks
     that divide the shard) gives the one-process correction; `head` gathers the first rows of the set."""
     x = torch.randn(64, 4, 5, 5, generator=torch.Generator().manual_seed(1))
-    cfg = DCConfig(enabled=True, steps=40, lr=1e-2, chunk=chunk, patience=5)
+    cfg = make_dc(steps=40, lr=1e-2, chunk=chunk, patience=5)
     twin, bns = _unit()
     ref, ref_info = correct(twin, bns, x, cfg)
     out = mp.Manager().dict()
@@ -135,7 +135,7 @@ def test_dc_and_gathering_over_two_ranks_equal_one_process(tmp_path, chunk):
 
 
 def test_dc_chunk_that_splits_a_shard_is_refused(tmp_path):
-    cfg = DCConfig(enabled=True, steps=2, chunk=24)
+    cfg = make_dc(steps=2, chunk=24)
     twin, bns = _unit()
     with pytest.raises(PdqError, match=r"method.dc.chunk=24 .* 32 calibration images of each of the 2 processes"):
         correct(twin, bns, torch.randn(32, 4, 5, 5), cfg, dist=Dist(rank=0, world_size=2))
@@ -146,10 +146,39 @@ def test_sequential_multirun_starts_ranks_for_every_job(tmp_path):
     """Hydra's basic launcher runs the jobs one after the other in one process: each job starts and ends
     its own ranks (the first job's rank-0 environment must not make the second wait for absent ranks)."""
     proc = run_cli("-m", "trainer=ddp_cpu", "method=rtn_minmax,rtn_mse", "debug=fast", "calib.size=64",
-                   "logger=none", f"hydra.sweep.dir={tmp_path}", timeout=300, OMP_NUM_THREADS="1")
+                   "calib.act_init_size=64", "logger=none", f"hydra.sweep.dir={tmp_path}", timeout=300,
+                   OMP_NUM_THREADS="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = sorted(tmp_path.glob("*/results.json"))
     assert len(results) == 2
     for r in results:
         res = json.loads(r.read_text())
         assert res["world_size"] == 2 and len(set(res["rank_state_sha256"])) == 1
+
+
+@pytest.mark.parametrize("orig,argv,launch", [
+    (["python3", "/repo/run.py", "seed=1"], ["/repo/run.py", "seed=1"], ["/repo/run.py"]),
+    (["python3", "-X", "utf8", "-m", "my_pkg.cli", "seed=1", "quant=w2a2"],
+     ["/site-packages/my_pkg/cli.py", "seed=1", "quant=w2a2"], ["-X", "utf8", "-m", "my_pkg.cli"]),
+    (["/usr/bin/python3", "/venv/bin/my-quantize", "seed=1"], ["/venv/bin/my-quantize", "seed=1"],
+     ["/venv/bin/my-quantize"]),
+], ids=["checkout", "module", "installed_script"])
+def test_ranks_are_started_as_this_process_was(monkeypatch, tmp_path, orig, argv, launch):
+    """Self-spawned ranks rerun what the user ran (a checkout's run.py, `python -m`, an installed script),
+    not a run.py next to the package, which a pip-installed pdq does not have."""
+    import sys
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from pdq.distributed import _child_command
+
+    monkeypatch.setattr(sys, "orig_argv", orig)
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: OmegaConf.create(
+        {"overrides": {"task": ["seed=1", "trainer=ddp_cpu"]}})))
+    command = _child_command(tmp_path)
+    assert command[:len(launch) + 1] == [sys.executable, *launch]
+    assert command[len(launch) + 1:len(launch) + 3] == ["seed=1", "trainer=ddp_cpu"]
+    assert f"hydra.run.dir={tmp_path}" in command

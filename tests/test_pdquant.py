@@ -1,6 +1,7 @@
 """PD-Quant pieces: the FP rest of the network, the PD loss, Distribution Correction, and the presets."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -11,9 +12,11 @@ from pdq.models.fmnist import mobilenetv2_fmnist, resnet20_fmnist
 from pdq.pipeline import run
 from pdq.quant import quantize_model, set_quant_state
 from pdq.recon import find_units
-from pdq.recon.dc import DCConfig, bn_statistics_loss, correct, fp_twin
+from pdq.recon.dc import correct, fp_twin
+from pdq.recon.losses import bn_statistics_loss
 from pdq.recon.module import Caches, UnitReconstruction
 from pdq.recon.subgraph import prefix, segment, suffix
+from tests.conftest import make_dc, make_phase
 from tests.test_graph import randomize_bn
 
 ZOO = [(resnet20_fmnist, (2, 1, 28, 28)), (mobilenetv2_fmnist, (2, 1, 28, 28)),
@@ -57,11 +60,10 @@ def test_unfolded_fp_twin_of_every_unit_matches_the_folded_unit(build, shape):
             assert len(bns) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in twin.modules())
 
 
-def pd_module(seg, rest, caches, **kw):
-    return UnitReconstruction(seg, caches, iters=10, input_prob=1.0, rec_p=2.0, adarounds=[], scales=[], round_lr=0,
-                              scale_lr=0, round_weight=0, warmup=0.2, b_range=(20, 2),
-                              mask_generator=torch.Generator(), log_prefix="u", step_offset=0, pd_weight=10.0,
-                              temperature=4.0, suffix=rest, **kw)
+def pd_module(seg, rest, caches, **settings):
+    phase = make_phase("pd_reg", input_prob=1.0, temperature=4.0, **settings)
+    return UnitReconstruction(seg, caches, phase, adarounds=[], scales=[], mask_generator=torch.Generator(),
+                              log_prefix="u", step_offset=0, log_every=50, suffix=rest)
 
 
 def test_pd_loss_is_zero_for_a_unit_left_in_fp():
@@ -89,7 +91,7 @@ def test_dc_lowers_bn_statistics_loss_and_skips_bn_free_units():
     twin, bns = fp_twin(fp_gm, qm, units[2])
     assert len(bns) == 2
     x = torch.randn(32, 16, 28, 28).relu()
-    corrected, info = correct(twin, bns, x, DCConfig(enabled=True, steps=30, lambda_c=0.02, chunk=16))
+    corrected, info = correct(twin, bns, x, make_dc(steps=30, lambda_c=0.02, chunk=16))
     assert info["dc_loss_after"] < info["dc_loss_before"]
     captured = []
     hooks = [bn.register_forward_pre_hook(lambda m, a: captured.append(a[0])) for bn in bns]
@@ -104,7 +106,7 @@ def test_dc_lowers_bn_statistics_loss_and_skips_bn_free_units():
     assert after < before and corrected.shape == x.shape
     fc_twin, fc_bns = fp_twin(fp_gm, qm, units[-1])
     feats = torch.randn(8, 64)
-    same, info = correct(fc_twin, fc_bns, feats, DCConfig(enabled=True, steps=30))
+    same, info = correct(fc_twin, fc_bns, feats, make_dc(steps=30))
     assert fc_bns == [] and same is feats and info == {}
 
 
@@ -122,3 +124,37 @@ def test_ablation_presets_run_a_few_steps(make_cfg, method, tmp_path):
     assert ("rec_loss" in unit) == (method not in ("pd_only", "pd_scale"))
     assert ("dc_loss_before" in unit) == (method in ("pdquant", "qdrop_dc"))
     assert ("round_loss" in unit) == (method != "pd_scale")
+
+
+class _PooledHead(torch.nn.Module):
+    """A 1x1 map (conv after global pooling) and a BatchNorm1d head: DC's per-sample std is undefined there."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.mix = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        self.fc1 = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU())
+        self.fc2 = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(torch.flatten(self.mix(self.pool(self.stem(x))), 1)))
+
+
+def test_pdquant_with_dc_on_batchnorm1d_and_1x1_maps(make_cfg):
+    """DC used to raise on a BatchNorm1d input and give NaN on a 1x1 map."""
+    from pdq.context import RunContext
+    from pdq.errors import instantiate
+
+    torch.manual_seed(0)
+    model = randomize_bn(_PooledHead()).eval()
+    qm = quantize_model(model)
+    cfg = make_cfg("method=pdquant", "method.iters=2", "method.dc.steps=3", "quant=w4a4")
+    ctx = RunContext(device=torch.device("cpu"), seed=0, batch_size=8, act_init_size=16, cache_dtype=torch.float32,
+                     trainer=instantiate(cfg.trainer), fp_model=model)
+    calib = torch.randn(16, 1, 8, 8)
+    units = instantiate(cfg.method).quantize(qm, calib, ctx)
+    corrected = [u for u in units if "dc_loss_before" in u]
+    assert len(corrected) >= 2
+    assert all(math.isfinite(u["dc_loss_after"]) for u in corrected) and all(math.isfinite(u["loss"]) for u in units)
+    assert torch.isfinite(qm(calib)).all()

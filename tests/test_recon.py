@@ -1,17 +1,16 @@
 """Reconstruction engine: AdaRound, the schedule, QDrop dropping, and end-to-end runs (determinism,
-resume after a kill, W2A4 reconstruction against round-to-nearest)."""
+W2A4 reconstruction against round-to-nearest). Resuming: tests/test_resume.py."""
 
-import json
 
 import pytest
 import torch
 
 from pdq.pipeline import run
 from pdq.quant import ActQuantizer, MinMaxObserver, WeightQuantizer
-from pdq.quant.adaround import AdaRoundQuantizer, LinearTempDecay
-from pdq.recon.engine import STATE_FILE
+from pdq.quant.adaround import AdaRoundQuantizer
+from pdq.recon.losses import RoundingRegularizer, rounding_penalty
 from pdq.recon.module import Caches, UnitReconstruction
-from tests.conftest import kill_after_unit
+from tests.conftest import make_phase
 
 
 def calibrated_weight_quantizer(w, bits=4):
@@ -38,17 +37,17 @@ def test_adaround_init_reproduces_fp_weight_and_hardens_at_half():
 
 
 def test_round_loss_and_beta_schedule():
-    sched = LinearTempDecay(1000, warmup=0.2, start_b=20, end_b=2)
+    sched = RoundingRegularizer(1000, warmup=0.2, b_range=(20, 2))
     assert not sched.active(199) and sched.active(200)
-    assert (sched(200), sched(600), sched(1000)) == (20, 11, 2)
+    assert (sched.beta(200), sched.beta(600), sched.beta(1000)) == (20, 11, 2)
     w = torch.randn(4, 10)
     ada = AdaRoundQuantizer(calibrated_weight_quantizer(w), w)
     with torch.no_grad():
         ada.alpha.fill_(50.0)  # h = 1 everywhere: nothing left to regularise
-    assert ada.round_loss(2.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert rounding_penalty(ada.h(), 2.0).item() == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():
         ada.alpha.fill_(0.0)   # h = 0.5: maximal penalty 1 per weight
-    assert ada.round_loss(2.0).item() == pytest.approx(w.numel())
+    assert rounding_penalty(ada.h(), 2.0).item() == pytest.approx(w.numel())
 
 
 def test_round_loss_is_off_during_warmup():
@@ -57,9 +56,9 @@ def test_round_loss_is_off_during_warmup():
     ada = AdaRoundQuantizer(calibrated_weight_quantizer(w), w)
     unit = lambda x: torch.nn.functional.linear(x, ada(w))  # noqa: E731
     caches = Caches(torch.randn(16, 5), None, torch.randn(16, 3))
-    module = UnitReconstruction(unit, caches, iters=10, input_prob=1.0, rec_p=2.0, adarounds=[ada], scales=[],
-                                round_lr=1e-3, scale_lr=0, round_weight=0.5, warmup=0.2, b_range=(20, 2),
-                                mask_generator=torch.Generator(), log_prefix="u", step_offset=0)
+    phase = make_phase("qdrop", iters=10, input_prob=1.0, round_weight=0.5, warmup=0.2)
+    module = UnitReconstruction(unit, caches, phase, adarounds=[ada], scales=[], mask_generator=torch.Generator(),
+                                log_prefix="u", step_offset=0, log_every=50)
     idx = torch.arange(8)
     assert module.losses(idx)["round_loss"].item() == 0.0
     module.t = 2
@@ -86,9 +85,9 @@ def test_qdrop_drops_elementwise_at_rate_p():
 
 def test_unit_input_mix_is_elementwise():
     caches = Caches(torch.zeros(32, 4, 8, 8), torch.ones(32, 4, 8, 8), torch.zeros(32, 4, 8, 8))
-    module = UnitReconstruction(torch.nn.Identity(), caches, iters=1, input_prob=0.5, rec_p=2.0, adarounds=[],
-                                scales=[], round_lr=0, scale_lr=0, round_weight=0, warmup=0.2, b_range=(20, 2),
-                                mask_generator=torch.Generator().manual_seed(1), log_prefix="u", step_offset=0)
+    module = UnitReconstruction(torch.nn.Identity(), caches, make_phase("qdrop", input_prob=0.5), adarounds=[],
+                                scales=[], mask_generator=torch.Generator().manual_seed(1), log_prefix="u",
+                                step_offset=0, log_every=50)
     x = module.unit_input(torch.arange(32))
     fp_share = x.mean().item()
     assert abs(fp_share - 0.5) < 0.02
@@ -103,16 +102,19 @@ def state_of(path):
     return torch.load(path / "quantized_model.pt")
 
 
-def test_every_unit_runs_exactly_iters_steps(make_cfg, tmp_path):
-    res = run(make_cfg(*SHORT, "method=qdrop", "method.iters=7", "quant=w4a4", "logger=csv",
-                       "calib.size=64"))
+def test_every_unit_runs_exactly_iters_steps_and_dc_is_logged_at_its_first(make_cfg, tmp_path):
+    res = run(make_cfg(*SHORT, "method=qdrop_dc", "method.iters=7", "method.dc.steps=2", "quant=w4a4",
+                       "logger=csv", "calib.size=64"))
     rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     steps = [int(r.split(",")[header.index("step")]) for r in rows[1:]]
     assert steps == sorted(steps)  # one global, increasing step axis
-    col = header.index("u01_layer1.0/loss")
-    logged = [int(r.split(",")[header.index("step")]) for r in rows[1:] if r.split(",")[col]]
-    assert logged == [14]  # unit 0 ends at step 7, unit 1 at 14 (logged at its last step)
+
+    def logged(column):
+        return [int(r.split(",")[header.index("step")]) for r in rows[1:] if r.split(",")[header.index(column)]]
+
+    assert logged("u01_layer1.0/loss") == [14]  # unit 0 ends at step 7, unit 1 at 14 (logged at its last step)
+    assert logged("u01_layer1.0/dc_loss_after") == [8]  # unit 1's DC at its first step
     assert all(u["iters"] == 7 for u in res["units"])
 
 
@@ -139,48 +141,6 @@ def test_brecq_runs_two_phases_and_skips_stem_with_brecq_layout(make_cfg, tmp_pa
     assert {"rec_loss", "round_loss"} <= res["units"][0].keys()
 
 
-def test_kill_after_unit_k_then_resume_matches_uninterrupted(make_cfg, tmp_path):
-    args = [*SHORT, "method=qdrop", "method.iters=60", "quant=w2a4"]
-    ref = run(make_cfg(*args, f"paths.output_dir={tmp_path / 'ref'}"))
-    killed = tmp_path / "killed"
-    # same thread count as this process: CPU results are bit-identical only for the same threads
-    kill_after_unit(killed, *args, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    assert not (killed / "results.json").exists(), "the run finished before it could be killed"
-    done = len(torch.load(killed / STATE_FILE, weights_only=False)["units"])
-    assert 3 < done < 11
-    resumed = run(make_cfg(*args, f"resume={killed}", f"paths.output_dir={tmp_path / 'other'}"))
-    assert resumed["quant_top1"] == ref["quant_top1"]
-    assert [u["name"] for u in resumed["units"]] == [u["name"] for u in ref["units"]]
-    s_ref, s_res = state_of(tmp_path / "ref"), state_of(killed)
-    assert all(torch.equal(s_ref[k], s_res[k]) for k in s_ref)
-    assert json.loads((killed / "results.json").read_text())["quant_top1"] == ref["quant_top1"]
-
-
-def test_resume_refuses_other_settings(make_cfg, tmp_path):
-    args = [*SHORT, "method=qdrop", "method.iters=2", "quant=w4a4"]
-    run(make_cfg(*args, f"paths.output_dir={tmp_path / 'a'}"))
-    from pdq.errors import PdqError
-
-    with pytest.raises(PdqError, match=r"other settings \(quant differ"):
-        run(make_cfg(*SHORT, "method=qdrop", "method.iters=2", "quant=w2a2", f"resume={tmp_path / 'a'}"))
-    # resume=auto in a finished dir: the same settings do nothing, other settings are refused
-    results = tmp_path / "a" / "results.json"
-    stamp = (results.read_bytes(), results.stat().st_mtime_ns)
-    again = run(make_cfg(*args, "resume=auto", f"paths.output_dir={tmp_path / 'a'}"))
-    assert again == json.loads(stamp[0]) and (results.read_bytes(), results.stat().st_mtime_ns) == stamp
-    with pytest.raises(PdqError, match=r"resume=auto: .*results.json holds the results of other settings "
-                                       r"\(method differ\)"):
-        run(make_cfg(*SHORT, "method=qdrop", "method.iters=3", "quant=w4a4", "resume=auto",
-                     f"paths.output_dir={tmp_path / 'a'}"))
-    (tmp_path / "c").mkdir()
-    (tmp_path / "c" / "results.json").write_text('{"quant_top1": 5')  # edited by hand, cut short
-    with pytest.raises(PdqError, match=r"resume=auto: .*results.json is not valid JSON .*remove it"):
-        run(make_cfg(*args, "resume=auto", f"paths.output_dir={tmp_path / 'c'}"))
-    # and in a fresh dir it is a plain run
-    fresh = run(make_cfg(*args, "resume=auto", f"paths.output_dir={tmp_path / 'b'}"))
-    assert fresh["quant_top1"] == again["quant_top1"] and (tmp_path / "b" / "results.json").is_file()
-
-
 def test_w2a4_reconstruction_beats_round_to_nearest(make_cfg, tmp_path):
     common = ["model=resnet20_fmnist", "quant=w2a4", "calib.size=256", "logger=none"]
     rtn = run(make_cfg(*common, "method=rtn_mse", f"paths.output_dir={tmp_path / 'rtn'}"))
@@ -195,7 +155,7 @@ def test_fp_path_ignores_rounding_written_into_finished_units():
     from pdq.models import build_model
     from pdq.quant import LpObserver, quantize_model
     from pdq.quant.state import calibrate_activations, calibrate_weights, full_precision, set_quant_state
-    from pdq.recon.engine import Phase, ReconstructionEngine
+    from pdq.recon.engine import ReconstructionEngine
     from pdq.recon.subgraph import prefix
     from pdq.recon.units import find_units
 
@@ -206,10 +166,12 @@ def test_fp_path_ignores_rounding_written_into_finished_units():
     set_quant_state(gm, weight=True, act=True)
     calib = torch.randn(16, 1, 28, 28)
     calibrate_activations(gm, calib, MinMaxObserver())
-    engine = ReconstructionEngine(gm, calib, RunContext(device=torch.device("cpu"), batch_size=8, fp_model=model),
+    engine = ReconstructionEngine(gm, calib, RunContext(device=torch.device("cpu"), seed=0, batch_size=8,
+                                                                 act_init_size=16, cache_dtype=torch.float32,
+                                                                 fp_model=model),
                                   LpObserver())
     units = find_units(gm, "block")
-    phase = Phase(input_prob=0.5, pd_weight=1.0)
+    phase = make_phase("qdrop", input_prob=0.5, pd_weight=1.0)
     before, _ = engine.caches(units[3], phase)
     with torch.no_grad():
         for name in units[1].layers(gm):  # a finished unit: its weights now hold something else

@@ -9,7 +9,19 @@ import sys
 
 import pytest
 
-from pdq.report import by_model, collect, main, read_curves
+from pdq.report import (
+    ablation_table,
+    by_model,
+    collect,
+    curve_label,
+    label_runs,
+    main,
+    old_components,
+    paper_table,
+    plot_curves,
+    read_curves,
+    table1,
+)
 from tests.conftest import ROOT, run_cli
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -44,6 +56,7 @@ def test_cells_are_mean_and_std_over_seeds_and_missing_jobs_are_listed(tmp_path,
     failed = write_job(tmp_path, "4")
     results, missing = collect([tmp_path, tmp_path / "0"])  # overlapping dirs: each job once
     assert len(results) == 4 and missing == [failed.resolve()]
+    label_runs(results)
     text = by_model(results)
     mean, std = statistics.mean([50, 52, 57]), statistics.stdev([50, 52, 57])
     assert f"| qdrop | {mean:.2f} ± {std:.2f} | 3 | 10 |" in text
@@ -141,6 +154,141 @@ def test_ablation_marks_come_from_configs_and_small_differences_are_no_separatio
     assert "qdrop |" not in delta.split("|---|", 1)[1]
 
 
+def ablation_jobs(tmp_path, method_cfg=None, **res):
+    """qdrop and pdquant jobs (two seeds each) with `method_cfg` as their method config."""
+    for method in ("qdrop", "pdquant"):
+        for seed in (0, 1):
+            write_job(tmp_path, f"{method}_{seed}", method_cfg, method=method, quant_top1=60.0 + seed, seed=seed,
+                      **res)
+
+
+def test_labels_are_computed_once_per_report_and_tables_keep_them(tmp_path, monkeypatch):
+    """`main` labels the runs once; the tables and plots use the labels they are given, never recompute them."""
+    import pdq.report.cli
+
+    ablation_jobs(tmp_path)
+    write_job(tmp_path, "rtn", quant_top1=50.0, seed=0, method="rtn_mse", iters=0)
+    calls = []
+    monkeypatch.setattr(pdq.report.cli, "label_runs", lambda results: calls.append(1) or label_runs(results))
+    assert main([str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
+    assert calls == [1]
+
+    results, missing = collect([tmp_path])
+    label_runs(results)
+    for r in results:
+        r["_label"] = f"row {r['method']}"
+    texts = [by_model(results), paper_table(results, missing)[0], ablation_table(results), table1(results)]
+    assert all("| row " in text for text in texts)
+    assert not any(f"| {method} |" in text for text in texts for method in ("qdrop", "pdquant", "rtn_mse"))
+
+
+@pytest.mark.parametrize("key,where,value,other", [
+    ("quant.layout", "quant", "brecq", "pdquant"),
+    ("quant.per_layer", "quant", ["conv1:8"], []),
+    ("quant.stem_w_bits", "quant", 4, None),
+    ("quant.stem_out_bits", "quant", 4, None),
+    ("quant.fc_w_bits", "quant", 4, None),
+    ("quant.fc_in_bits", "quant", 4, None),
+    ("calib.batch_size", "calib", 64, 32),
+    ("calib.act_init_size", "calib", 128, 256),
+    ("calib.cache_dtype", "calib", "float16", "float32"),
+    ("world_size", "results", 2, 1),
+])
+def test_runs_with_other_quant_calib_or_process_settings_are_separate_rows(tmp_path, key, where, value, other):
+    """Each setting that changes a result splits rows where it differs within one method, model and bits; runs
+    that agree keep the plain method name; an old results.json (no world_size, no calib.cache_dtype) counts as
+    the defaults (1 process, float32)."""
+    name = key.split(".")[-1]
+    base_cfg = {"quant": {"w_bits": 2, "a_bits": 4, "layout": "pdquant", "per_layer": []},
+                "calib": {"size": 256, "batch_size": 32, "act_init_size": 256}}
+
+    def cfg_with(v):
+        return base_cfg | {where: base_cfg[where] | {name: v}} if where != "results" else base_cfg
+
+    for seed in (0, 1):
+        write_job(tmp_path, f"a{seed}", config=cfg_with(value), quant_top1=70.0 + seed, seed=seed,
+                  **({"world_size": value} if where == "results" else {}))
+        write_job(tmp_path, f"b{seed}", config=cfg_with(other), quant_top1=60.0 + seed, seed=seed)
+        write_job(tmp_path, f"c{seed}", config=cfg_with(value), quant_top1=80.0 + seed, seed=seed, w_bits=4,
+                  **({"world_size": value} if where == "results" else {}))
+    results, _ = collect([tmp_path])
+    label_runs(results)
+    labels = {(r["_label"], r["w_bits"]) for r in results}
+    assert labels == {(f"qdrop [{key}={value}]", 2), (f"qdrop [{key}={other}]", 2), ("qdrop", 4)}
+    text = by_model(results)
+    assert f"| qdrop [{key}={value}] | – | 70.50 ± 0.71 |" in text
+    assert f"| qdrop [{key}={other}] | – | 60.50 ± 0.71 |" in text
+    assert "| qdrop | 80.50 ± 0.71 | – |" in text
+
+
+def test_runs_whose_phases_differ_are_separate_rows(tmp_path):
+    """A phase's own setting (`method.phases.1.rec_p=...`) splits rows; phase values that repeat the method's
+    (results.json files of configs whose phases interpolate the method keys) add nothing to the label."""
+    def brecq(rec_p, chunk):
+        return {"name": "brecq", "iters": 5, "dc": {"chunk": chunk}, "phases": [{"dc": {"chunk": chunk}, "iters": 5},
+                                                                              {"rec_p": rec_p}]}
+    for i, (rec_p, chunk) in enumerate([(2.4, 1024), (2.0, 1024), (2.4, 32)]):
+        write_job(tmp_path, f"b{i}", brecq(rec_p, chunk), method="brecq", quant_top1=50.0 + i, seed=0)
+    results, _ = collect([tmp_path])
+    label_runs(results)
+    assert sorted(r["_label"] for r in results) == ["brecq [dc.chunk=1024, phases.1.rec_p=2.0]",
+                                                    "brecq [dc.chunk=1024, phases.1.rec_p=2.4]",
+                                                    "brecq [dc.chunk=32, phases.1.rec_p=2.4]"]
+
+
+def test_ablation_components_come_from_results_json(tmp_path):
+    """`components` in results.json decides the PD / Reg / DC marks, not the method config; a results.json
+    written before the field existed gets them from its method config, and all false without one."""
+    ablation_jobs(tmp_path, qcfg(0.0, 1.0, False), components={"pd": True, "reg": False, "dc": True})
+    write_job(tmp_path, "old", qcfg(10.0, 1.0, True), method="pd_reg", quant_top1=61.0, seed=0)
+    write_job(tmp_path, "bare", method="qdrop_dc", quant_top1=61.0, seed=0)
+    main([str(tmp_path), "--out", str(tmp_path / "rep")])
+    table = (tmp_path / "rep" / "ablation.md").read_text().split("## Δ vs qdrop")[0]
+    assert "| qdrop | ✓ | – | ✓ | 60.50±0.71 (n=2) |" in table
+    assert "| pdquant | ✓ | – | ✓ | 60.50±0.71 (n=2) |" in table
+    assert "| pd_reg | ✓ | ✓ | ✓ | 61.00 (n=1) |" in table
+    assert "| qdrop_dc | – | – | – | 61.00 (n=1) |" in table
+    assert old_components({"config": {"method": qcfg(10.0, 0.0, True)}}) == {"pd": True, "reg": False, "dc": True}
+    assert old_components({}) == {"pd": False, "reg": False, "dc": False}
+
+
+@pytest.mark.parametrize("content", ["{}", "[]", '"text"', '{"model": "m", "method": "qdrop"}',
+                                     json.dumps({"model": "m", "method": "qdrop", "w_bits": 2, "a_bits": 4, "seed": 0,
+                                                 "quant_top1": "high"}),
+                                     "{not json"])
+def test_results_json_without_the_needed_fields_is_listed_as_unreadable(tmp_path, capsys, content):
+    write_job(tmp_path, "good", quant_top1=50.0, seed=0)
+    bad = write_job(tmp_path, "bad")
+    (bad / "results.json").write_text(content)
+    assert main([str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
+    assert f"{bad.resolve()} (results.json unreadable)" in capsys.readouterr().out
+    table = (tmp_path / "rep" / "table.md").read_text()
+    assert f"- {bad.resolve()} (results.json unreadable)" in section(table, "Missing or failed runs")
+    assert "| qdrop | 50.00 (n=1) |" in section(table, "W2A4")
+    assert (tmp_path / "rep" / "top1.png").read_bytes()[:8] == PNG
+
+
+def test_curves_keep_units_of_later_phases_apart(tmp_path):
+    """BRECQ logs its activation phase as `p1_u<k>_<unit>/...`: those are curves of their own, labelled `p1 ...`."""
+    run = tmp_path / "run"
+    (run / "csv").mkdir(parents=True)
+    cols = ["epoch", "step", "u00_conv1/loss", "u01_layer1.0/rec_loss", "p1_u00_conv1/loss",
+            "p1_u01_layer1.0/rec_loss"]
+    rows = [[0, 0, 1.0, 2.0, "", ""], [0, 1, 0.5, 1.0, "", ""], [0, 2, "", "", 0.4, 0.9], [0, 3, "", "", 0.2, 0.3]]
+    with open(run / "csv" / "metrics.csv", "w", newline="") as f:
+        csv.writer(f).writerows([cols, *rows])
+    curves = read_curves(run / "csv" / "metrics.csv")
+    assert dict(curves["loss"]) == {(0, 0, "conv1"): [(0.0, 1.0), (1.0, 0.5)],
+                                    (1, 0, "conv1"): [(2.0, 0.4), (3.0, 0.2)]}
+    assert dict(curves["rec_loss"]) == {(0, 1, "layer1.0"): [(0.0, 2.0), (1.0, 1.0)],
+                                        (1, 1, "layer1.0"): [(2.0, 0.9), (3.0, 0.3)]}
+    assert [curve_label(u) for u in sorted(curves["loss"])] == ["00 conv1", "p1 00 conv1"]
+    assert plot_curves(run)[:8] == PNG
+    write_job(tmp_path, "job", quant_top1=50.0, seed=0)
+    assert main([str(tmp_path / "job"), "--out", str(tmp_path / "rep"), "--curves", str(run)]) == 0
+    assert (tmp_path / "rep" / "curves_run.png").read_bytes()[:8] == PNG
+
+
 @pytest.fixture(scope="module")
 def tiny_multirun(tmp_path_factory):
     """A real 4-job sweep: rtn_minmax and qdrop (2 iterations per unit), seeds 1 and 2, 200 test images."""
@@ -183,7 +331,7 @@ def test_real_multirun_table_cells_plots_and_failed_job(tiny_multirun, capsys):
 
     curves = read_curves(qdrop_job / "csv" / "metrics.csv")
     units = json.loads((qdrop_job / "results.json").read_text())["units"]
-    assert [name for _, name in sorted(curves["loss"])] == [u["name"] for u in units]
+    assert [name for _, _, name in sorted(curves["loss"])] == [u["name"] for u in units]
     for png in (out / "top1.png", out / f"curves_{qdrop_job.name}.png"):
         data = png.read_bytes()
         assert data[:8] == PNG and len(data) > 5000

@@ -23,6 +23,7 @@ def test_cli_small_run_writes_results(tmp_path):
     assert res["fp_top1"] > 85 and 10 < res["quant_top1"] <= 100
     assert set(res["versions"]) == {"pdq", "torch", "torchvision", "lightning"}
     assert res["units"] == []
+    assert res["components"] == {"pd": False, "reg": False, "dc": False}
     assert (tmp_path / "csv" / "metrics.csv").exists() and (tmp_path / "quantized_model.pt").exists()
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
 

@@ -9,7 +9,9 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
+from pdq.checks import check_bool, check_int
 from pdq.data.calib import draw_indices
+from pdq.data.settings import check_eval_subset, resolve_num_workers
 from pdq.errors import PdqError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -23,11 +25,16 @@ class ImageNetDataModule(L.LightningDataModule):
 
     def __init__(self, root: str | None = None, image_size: int = 224, resize: int = 256,
                  calib_augment: bool = True, eval_batch_size: int = 64, eval_subset: int | None = None,
-                 num_workers: int = 4):
+                 num_workers: int | None = None):
         super().__init__()
         self.root = root
-        self.image_size, self.resize, self.calib_augment = image_size, resize, calib_augment
-        self.eval_batch_size, self.eval_subset, self.num_workers = eval_batch_size, eval_subset, num_workers
+        self.image_size = check_int("data.image_size", image_size, 1)
+        self.resize = check_int("data.resize", resize, 1)
+        self.calib_augment = check_bool("data.calib_augment", calib_augment)
+        self.eval_batch_size = check_int("data.eval_batch_size", eval_batch_size, 1)
+        if eval_subset is not None:
+            check_eval_subset(eval_subset)
+        self.eval_subset, self.num_workers = eval_subset, resolve_num_workers(num_workers)
         self._train = self._val = None
 
     def _folder(self, split: str) -> Path:
@@ -61,6 +68,8 @@ class ImageNetDataModule(L.LightningDataModule):
             raise PdqError(f"data.root={self.root!r}: {e}") from None
         if self._train.classes != self._val.classes:
             raise PdqError(f"data.root={self.root!r}: train/ and val/ have different class folders")
+        if self.eval_subset is not None:
+            check_eval_subset(self.eval_subset, len(self._val))
 
     @property
     def num_classes(self) -> int:
@@ -82,7 +91,7 @@ class ImageNetDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         self.setup()
-        ds = self._val if not self.eval_subset else Subset(self._val, range(min(self.eval_subset, len(self._val))))
+        ds = self._val if not self.eval_subset else Subset(self._val, range(self.eval_subset))
         return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
                           pin_memory=torch.cuda.is_available())
 

@@ -12,12 +12,13 @@ from pdq.quant.state import calibrate_activations, calibrate_weights, set_quant_
 
 class RoundToNearest:
     iters = 0
+    components = {"pd": False, "reg": False, "dc": False}
 
     def __init__(self, name: str, weight_observer: Observer, act_observer: Observer):
         self.name, self.weight_observer, self.act_observer = name, weight_observer, act_observer
 
     def quantize(self, qmodel: fx.GraphModule, calib: torch.Tensor, ctx: RunContext) -> list[dict]:
-        fitted = calibrate_weights(qmodel, self.weight_observer)
+        fitted = calibrate_weights(qmodel, self.weight_observer, ctx.dist)
         set_quant_state(qmodel, weight=True, act=True)
         fitted += calibrate_activations(qmodel, calib[: ctx.act_init_size].to(ctx.device), self.act_observer)
         ctx.dist.broadcast_quantizers(fitted)  # one observer result on every rank of a DDP run

@@ -1,4 +1,5 @@
-"""Model registry: embedded reference models, torchvision classification models, and (later) the paper zoo.
+"""Model registry: the embedded reference models, torchvision's classification models, and the paper zoo
+(`pdq.models.paper` registers its models here with `register_model`).
 
 `build_model` is the `_target_` of every `conf/model/*.yaml`."""
 
@@ -73,11 +74,15 @@ def load_state_dict(path: str | Path, verify_sha256: bool = False) -> dict[str, 
         got = hashlib.sha256(path.read_bytes()).hexdigest()
         if want is not None and want != got:
             raise PdqError(f"checkpoint {path} is corrupt: SHA-256 {got} does not match the recorded {want}")
+    if path.stat().st_size == 0:
+        raise PdqError(f"model.checkpoint={str(path)!r} is an empty file (0 bytes); accepted: a PyTorch checkpoint "
+                       f"(a state dict saved by torch.save)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle garbage, ...
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
         raise PdqError(f"model.checkpoint={str(path)!r} is corrupt or not a PyTorch checkpoint: "
-                       f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+                       f"{type(e).__name__}{': ' + detail if detail else ''}") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -87,7 +92,18 @@ def load_state_dict(path: str | Path, verify_sha256: bool = False) -> dict[str, 
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights with NaN or inf: the model would run, and quantize, to chance-level accuracy."""
+    for name, t in state.items():
+        if t.is_floating_point() or t.is_complex():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise PdqError(f"{source} holds non-finite weights: tensor {name!r} has {bad} NaN/inf values "
+                               f"(of {t.numel()}); accepted: finite weights")
+
+
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    check_finite(state, source)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -142,10 +158,12 @@ def build_model(name: str, checkpoint: str | None = None, weights: str | None = 
             raise PdqError(f"model.weights={weights!r} is not a weights enum of {name}; accepted: "
                            f"{', '.join(enum.__members__)}") from None
         try:
-            return torchvision.models.get_model(name, weights=w, **kwargs).eval()
+            model = torchvision.models.get_model(name, weights=w, **kwargs).eval()
         except Exception as e:
             raise PdqError(f"could not fetch torchvision weights {weights} for {name} ({type(e).__name__}); "
                            f"offline machines use model.checkpoint=PATH") from None
+        check_finite(model.state_dict(), f"model.weights={weights!r}")
+        return model
     if checkpoint is None and pretrained:
         raise PdqError(f"model={name} needs trained weights: model.weights=<enum, e.g. IMAGENET1K_V1> "
                        f"or model.checkpoint=PATH")

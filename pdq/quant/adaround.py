@@ -39,26 +39,5 @@ class AdaRoundQuantizer(nn.Module):
         q = torch.clamp(torch.floor(w / self.scale) + self.rounding() + self.zero_point, 0, qmax(self.bits))
         return (q - self.zero_point) * self.scale
 
-    def round_loss(self, beta: float) -> torch.Tensor:
-        """f_reg = sum(1 - |2 h(V) - 1|^beta)."""
-        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
-
     def harden(self) -> None:
         self.soft = False
-
-
-class LinearTempDecay:
-    """beta schedule: rounding loss off for t < warmup * T, then beta decays linearly start -> end."""
-
-    def __init__(self, t_max: int, warmup: float = 0.2, start_b: float = 20.0, end_b: float = 2.0):
-        self.t_max, self.start_decay = t_max, warmup * t_max
-        self.start_b, self.end_b = start_b, end_b
-
-    def active(self, t: int) -> bool:
-        return t >= self.start_decay
-
-    def __call__(self, t: int) -> float:
-        if t < self.start_decay:
-            return self.start_b
-        rel = (t - self.start_decay) / max(self.t_max - self.start_decay, 1)
-        return self.end_b + (self.start_b - self.end_b) * max(0.0, 1 - rel)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from pdq.checks import check_float, check_int
 from pdq.quant.functional import MIN_SCALE, channel_view, qmax, qparams_from_range
 
 QParams = tuple[torch.Tensor, torch.Tensor]
@@ -40,8 +41,11 @@ class GridSearchObserver(Observer):
 
     def __init__(self, grid: int = 100, max_samples: int | None = None, seed: int = 0,
                  chunk_elems: int = 2 ** 22):
-        self.grid, self.chunk_elems = int(grid), int(chunk_elems)
-        self.max_samples, self.seed = (int(max_samples) if max_samples else None), int(seed)
+        name = type(self).__name__
+        self.grid = check_int(f"{name}.grid", grid, 1)
+        self.chunk_elems = check_int(f"{name}.chunk_elems", chunk_elems, 1)
+        self.max_samples = None if max_samples is None else check_int(f"{name}.max_samples", max_samples, 1)
+        self.seed = check_int(f"{name}.seed", seed, 0)
 
     def _subsample(self, x: torch.Tensor) -> torch.Tensor:
         if self.max_samples is None or x.shape[1] <= self.max_samples:
@@ -111,7 +115,7 @@ class LpObserver(GridSearchObserver):
     def __init__(self, p: float = 2.4, grid: int = 100, max_samples: int | None = None, seed: int = 0,
                  chunk_elems: int = 2 ** 22):
         super().__init__(grid, max_samples, seed, chunk_elems)
-        self.p = float(p)
+        self.p = check_float(f"{type(self).__name__}.p", p, 0, lo_open=True)
 
     def score(self, x, xq):
         return xq.sub_(x).abs_().pow_(self.p).mean(dim=-1)  # xq is a scratch tensor

@@ -1,4 +1,6 @@
-"""State switches over a quantized model (or any piece of it), and observer-based calibration."""
+"""State switches over a quantized model (or any piece of it), each a context manager that sets on entry
+and restores on exit (`full_precision`, `adaround`, `learned_scales`, `dropping`), and observer-based
+calibration."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from pdq.distributed import progress_disabled
+from pdq.distributed import SINGLE, Dist
+from pdq.quant.adaround import AdaRoundQuantizer
 from pdq.quant.graph import quant_layer_names
 from pdq.quant.observers import Observer
 from pdq.quant.quantizers import ActQuantizer, FakeQuantizer
@@ -43,10 +46,56 @@ def full_precision(module: nn.Module):
             q.enabled = enabled
 
 
-def calibrate_weights(gm: fx.GraphModule, observer: Observer) -> list[FakeQuantizer]:
+@contextlib.contextmanager
+def adaround(layers: list[nn.Module]):
+    """AdaRound variables for the weights of `layers` (those whose weight quantizer is active); yields
+    their `AdaRoundQuantizer`s. On exit the rounding is hardened and written into the weights (hard-rounded
+    grid values, on which the layer's own quantizer is idempotent) and each layer gets its quantizer back."""
+    bases = [layer.weight_quant for layer in layers]
+    for layer in layers:
+        if layer.weight_quant.active:
+            layer.weight_quant = AdaRoundQuantizer(layer.weight_quant, layer.weight)
+    try:
+        yield [layer.weight_quant for layer in layers if isinstance(layer.weight_quant, AdaRoundQuantizer)]
+    finally:
+        for layer, base in zip(layers, bases):
+            ada = layer.weight_quant
+            if isinstance(ada, AdaRoundQuantizer):
+                ada.harden()
+                with torch.no_grad():
+                    layer.weight.copy_(ada(layer.weight))
+            layer.weight_quant = base
+
+
+@contextlib.contextmanager
+def learned_scales(quantizers: list[ActQuantizer]):
+    """LSQ: the scales of the active `quantizers` become parameters (yielded); buffers again on exit."""
+    params = [q.learn_scale() for q in quantizers if q.active]
+    try:
+        yield params
+    finally:
+        for q in quantizers:
+            q.freeze_scale()
+
+
+@contextlib.contextmanager
+def dropping(quantizers: list[ActQuantizer], prob: float, generator: torch.Generator | None):
+    """QDrop: each activation quantizer quantizes an element with probability `prob`, drawn from
+    `generator`; the previous settings are restored on exit."""
+    saved = [(q.drop_prob, q.generator) for q in quantizers]
+    for q in quantizers:
+        q.drop_prob, q.generator = prob, generator
+    try:
+        yield
+    finally:
+        for q, (p, g) in zip(quantizers, saved):
+            q.drop_prob, q.generator = p, g
+
+
+def calibrate_weights(gm: fx.GraphModule, observer: Observer, dist: Dist = SINGLE) -> list[FakeQuantizer]:
     """Every weight quantizer fitted to its weight; returns them."""
     for name in tqdm(quant_layer_names(gm), desc="weight scales", leave=False, dynamic_ncols=True,
-                     disable=progress_disabled()):
+                     disable=dist.progress_disable):
         layer = gm.get_submodule(name)
         layer.weight_quant.observe(layer.weight, observer)
     return weight_quantizers(gm)

@@ -1,38 +1,23 @@
 """Distribution Correction (PD-Quant, spec §5.3): move a unit's FP input so that the per-sample
 statistics at every BatchNorm inside the unit (in the *unfolded* FP model) match the BN running
-statistics, while staying close to the original input:
+statistics, while staying close to the original input (the two terms are in `pdq.recon.losses`):
 
-    L(x) = sum_BN [ mean_n sum_c (mean_hw a_nc - mu_c)^2 + mean_n sum_c (sqrt(var_hw a_nc + 1e-6) - sigma_c)^2 ]
-           + (1 / lambda_c) * mean_{n,h,w} sum_c (x - x_fp)^2
+    L(x) = bn_statistics_loss(x) + proximity_loss(x, x_fp) / lambda_c
 
-Adam (lr 1e-3) with ReduceLROnPlateau (patience 100, factor 0.1, min lr 1e-5) on the total loss. The
-official code runs 500 steps per batch of 32; the loss is separable per sample and Adam is per
-element, so pdq runs the same steps over large chunks of the calibration set (`chunk`)."""
+Adam with ReduceLROnPlateau on the total loss; the settings are `method.dc` (`DCConfig`). The official
+code corrects batches of 32; the loss is separable per sample and Adam is per element, so pdq runs the
+same steps over larger chunks of the calibration set (`chunk`)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
-from pdq.distributed import SINGLE, Dist, progress_disabled
+from pdq.distributed import SINGLE, Dist
 from pdq.errors import PdqError
+from pdq.recon.losses import bn_statistics_loss, proximity_loss
+from pdq.recon.phase import DCConfig
 from pdq.recon.units import Unit
-
-BN_EPS = 1e-6
-
-
-@dataclass
-class DCConfig:
-    enabled: bool = False
-    steps: int = 500
-    lr: float = 1e-3
-    lambda_c: float = 0.02
-    chunk: int = 1024             # images optimised together (official code: 32)
-    patience: int = 100
-    factor: float = 0.1
-    min_lr: float = 1e-5
 
 
 def fp_twin(fp_gm: fx.GraphModule, gm: fx.GraphModule, unit: Unit) -> tuple[fx.GraphModule, list[nn.Module]]:
@@ -68,21 +53,6 @@ def _is_bn(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm)
 
 
-def bn_statistics_loss(inputs: list[torch.Tensor], bns: list[nn.Module], denominator: int | None = None
-                       ) -> torch.Tensor:
-    """The BN term of L(x): per-sample sums over BNs and channels, summed over the batch and divided by
-    `denominator` (default: the batch size, i.e. the mean; computed as the mean times n / denominator,
-    so that one process gives the same bits as before DDP existed)."""
-    loss = inputs[0].new_zeros(())
-    for a, bn in zip(inputs, bns):
-        a = a.flatten(2)  # [N, C, HW]
-        mu = a.mean(-1)
-        sigma = torch.sqrt(a.var(-1, unbiased=True) + BN_EPS)
-        target_sigma = torch.sqrt(bn.running_var + BN_EPS)
-        loss = loss + (mu - bn.running_mean).pow(2).sum(1).mean() + (sigma - target_sigma).pow(2).sum(1).mean()
-    return loss if denominator is None else loss * (len(inputs[0]) / denominator)
-
-
 def check_chunk(cfg: DCConfig, n_local: int, dist: Dist) -> None:
     """In a DDP run each rank corrects its own shard. Chunks must then be the whole set (the ranks step
     in lockstep on the summed loss) or whole chunks of every shard, so that the result is the one
@@ -99,7 +69,7 @@ def correct(unit_fp: nn.Module, bns: list[nn.Module], x_fp: torch.Tensor, cfg: D
     Under DDP, `x_fp` is this rank's shard; with one chunk over the whole set the loss is normalised by
     the global set size and the LR plateau follows the loss summed over ranks, so every sample gets the
     update it gets in one process."""
-    if not bns or not cfg.enabled or cfg.steps <= 0:
+    if not bns or not cfg.enabled:
         return x_fp, {}
     from tqdm.auto import tqdm
 
@@ -111,7 +81,7 @@ def correct(unit_fp: nn.Module, bns: list[nn.Module], x_fp: torch.Tensor, cfg: D
     hooks = [bn.register_forward_pre_hook(lambda m, args: captured.append(args[0])) for bn in bns]
     out, before, after = [], 0.0, 0.0
     bar = tqdm(total=cfg.steps * -(-len(x_fp) // chunk), desc=desc, leave=False, dynamic_ncols=True,
-               disable=progress_disabled())
+               disable=dist.progress_disable)
     try:
         for start in range(0, len(x_fp), chunk):
             target = x_fp[start:start + chunk].float()
@@ -129,8 +99,7 @@ def correct(unit_fp: nn.Module, bns: list[nn.Module], x_fp: torch.Tensor, cfg: D
                 if step == cfg.steps:
                     after += stats.item() * denominator
                     break
-                proximity = (x - target).pow(2).sum(1).mean() * (len(target) / denominator)
-                loss = stats + proximity / cfg.lambda_c
+                loss = stats + proximity_loss(x, target, denominator) / cfg.lambda_c
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

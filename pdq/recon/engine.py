@@ -1,15 +1,16 @@
 """The sequential reconstruction loop. A method is a list of `Phase`s; each phase visits the units in
 order and, for each unit:
 
-1. caches its inputs on the quantized path (earlier units quantized and hardened) and on the FP path,
-   and its FP output, for the whole calibration set on the compute device (under DDP: for this rank's
-   shard; every step's batch is then `batch_size / world_size` images per rank);
-2. initialises its activation quantizers from the first `act_init_size` quantized-path inputs;
-3. fits a `UnitReconstruction` (AdaRound variables and/or LSQ activation scales) with a Lightning
-   Trainer for `iters` steps, batches and masks drawn from a generator seeded by (seed, phase, unit,
-   rank), gradients all-reduced over the ranks by Lightning's DDP;
-4. hardens the rounding into the weights, freezes the scales, releases the caches, and saves the
-   model state atomically so that an interrupted run resumes at the next unit.
+1. `prepare`: caches its inputs on the quantized path (earlier units quantized and hardened) and on the
+   FP path (DC-corrected when DC is on), and its FP output, for the whole calibration set on the compute
+   device (under DDP: for this rank's shard; every step's batch is then `batch_size / world_size` images
+   per rank), and initialises its activation quantizers from the first `act_init_size` inputs;
+2. `fit`: with the phase's switches on (AdaRound, learned scales, QDrop dropping, the FP rest of the
+   network), fits a `UnitReconstruction` with a Lightning Trainer for `iters` steps, batches and masks
+   drawn from generators seeded by (seed, phase, unit, rank), gradients all-reduced over the ranks by
+   Lightning's DDP; leaving the switches hardens the rounding into the weights and freezes the scales;
+3. `finish`: summarises the unit; `run` then saves the model state atomically, so that an interrupted
+   run resumes at the next unit.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,51 +25,30 @@ from torch import fx
 
 from pdq.context import RunContext, stream_seed
 from pdq.io import atomic_torch_save
-from pdq.quant.adaround import AdaRoundQuantizer
 from pdq.quant.graph import quantize_model
 from pdq.quant.observers import Observer
-from pdq.quant.state import act_quantizers, calibrate_activations, full_precision, set_quant_state
-from pdq.recon.dc import DCConfig, check_chunk, correct, fp_twin
+from pdq.quant.state import (
+    act_quantizers,
+    adaround,
+    calibrate_activations,
+    dropping,
+    full_precision,
+    learned_scales,
+    set_quant_state,
+)
+from pdq.recon.dc import check_chunk, correct, fp_twin
 from pdq.recon.module import Caches, UnitProgress, UnitReconstruction, loader
+from pdq.recon.phase import Phase
 from pdq.recon.subgraph import prefix, segment, suffix
 from pdq.recon.units import Unit, find_units
 
 log = logging.getLogger("pdq")
-# units are fitted in eval mode on purpose (BN is folded; nothing else behaves differently in training)
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-for _msg in (r".*does not have many workers.*", r".*`IterableDataset` has `__len__` defined.*",
-             r".*smaller than the logging interval.*", r".*isinstance\(treespec, LeafSpec\).*"):
-    warnings.filterwarnings("ignore", message=_msg)
 STATE_FILE = "recon_state.pt"
-
-
-@dataclass
-class Phase:
-    """Switches and loss weights of one pass over the units."""
-    pattern: str = "block"            # block | layer
-    iters: int = 20000
-    learn_rounding: bool = True       # AdaRound variables
-    learn_act_scale: bool = True      # LSQ activation scales
-    act_quant: bool = True            # activation quantization on while reconstructing
-    drop_prob: float = 1.0            # QDrop: probability an activation element is quantized (1 = always)
-    input_prob: float = 1.0           # probability a unit-input element comes from the quantized path
-    rec_p: float = 2.0                # reconstruction loss exponent
-    round_lr: float = 1e-3
-    scale_lr: float = 4e-5
-    round_optimizer: Callable | None = None   # partial optimiser for the AdaRound variables (default Adam)
-    scale_optimizer: Callable | None = None   # partial optimiser for the activation scales (default Adam)
-    scale_scheduler: Callable | None = None   # partial LR scheduler for the scales (default cosine to 0)
-    round_weight: float = 0.01
-    warmup: float = 0.2
-    b_range: tuple[float, float] = (20.0, 2.0)
-    rec_weight: float = 1.0           # reconstruction ("regularisation") term
-    pd_weight: float = 0.0            # PD-Quant prediction-difference term (official: 1 / lambda_r = 10)
-    temperature: float = 4.0          # PD softmax temperature
-    pd_branch_drop: bool = True       # official: dropping stays on in the PD (quantized) half
-    dc: DCConfig | dict | None = None  # Distribution Correction of the FP unit inputs
-
-    def __post_init__(self):
-        self.dc = DCConfig(**self.dc) if isinstance(self.dc, dict) else (self.dc or DCConfig())
+#: Lightning's warnings that do not apply to a unit's fit, silenced during the fit only: units are fitted in
+#: eval mode on purpose (BN is folded), the index batches are an in-memory iterable, one epoch is short
+FIT_WARNINGS = (r".*module\(s\) in eval mode.*", r".*does not have many workers.*",
+                r".*`IterableDataset` has `__len__` defined.*", r".*smaller than the logging interval.*",
+                r".*isinstance\(treespec, LeafSpec\).*")
 
 
 @torch.no_grad()
@@ -142,7 +120,7 @@ class ReconstructionEngine:
         ctx, gm = self.ctx, self.gm
         pre = prefix(gm, unit.input)
         x_q = x_fp = None
-        if phase.input_prob > 0 or phase.pd_weight > 0:
+        if phase.input_prob > 0 or phase.uses_pd:
             if phase.act_quant:
                 ctx.dist.broadcast_quantizers(calibrate_activations(
                     pre, self.calib[: ctx.act_init_size].to(ctx.device), self.act_observer, only_uninitialized=True))
@@ -158,79 +136,85 @@ class ReconstructionEngine:
         y_fp = _run_batched(fp_seg, x_fp_full, ctx.batch_size, ctx.device, ctx.cache_dtype)
         if phase.input_prob < 1:
             x_fp = x_fp_full
-        logits = self.logits() if phase.pd_weight > 0 else None
+        logits = self.logits() if phase.uses_pd else None
         return Caches(x_q, x_fp, y_fp, logits), dc_info
 
     def reconstruct(self, p: int, i: int, n_units: int, unit: Unit, phase: Phase) -> dict:
-        ctx, gm = self.ctx, self.gm
+        """Prepare, fit and finish one unit; returns its summary."""
         t0 = time.time()
-        seg = segment(gm, unit)
-        caches, dc_info = self.caches(unit, phase)
-        t_cache = time.time()
-        prefix_name = f"p{p}_u{i:02d}_{unit.name}" if p else f"u{i:02d}_{unit.name}"
-        if "dc_loss_before" in dc_info and ctx.logger is not None:  # logged at the unit's first step
-            ctx.logger.log_metrics({f"{prefix_name}/{k}": v for k, v in dc_info.items() if k.startswith("dc_loss")},
-                                   step=self.step_offset)
-        acts = [gm.get_submodule(n) for n in unit.act_quants(gm)]
-        if phase.act_quant:  # the first act_init_size images of the whole set, gathered from the ranks
-            x_init = ctx.dist.head(caches.x_q if caches.x_q is not None else caches.x_fp, ctx.act_init_size)
-            ctx.dist.broadcast_quantizers(calibrate_activations(seg, x_init.float(), self.act_observer,
-                                                                only_uninitialized=True))
+        name = f"p{p}_u{i:02d}_{unit.name}" if p else f"u{i:02d}_{unit.name}"
+        seg, caches, acts, dc_info, t_cache = self.prepare(unit, phase, name)
         t_init = time.time()
+        last, trained = self.fit(p, i, unit, phase, seg, caches, acts, name, f"unit {i + 1}/{n_units} {unit.name}")
+        times = {"seconds": time.time() - t0, "cache_s": t_cache - t0, "act_init_s": t_init - t_cache,
+                 "fit_s": time.time() - t_init}
+        return self.finish(p, i, n_units, unit, phase.iters if trained else 0, last, dc_info, times)
 
+    def prepare(self, unit: Unit, phase: Phase, name: str) -> tuple[fx.GraphModule, Caches, list, dict, float]:
+        """The unit's segment, its caches (DC-corrected FP inputs when DC is on; DC's losses logged at the
+        unit's first step), its activation quantizers (initialised when the phase quantizes activations),
+        and when caching ended."""
+        seg = segment(self.gm, unit)
+        caches, dc_info = self.caches(unit, phase)
+        if dc_info and self.ctx.logger is not None:
+            self.ctx.logger.log_metrics({f"{name}/{k}": v for k, v in dc_info.items() if k.startswith("dc_loss")},
+                                        step=self.step_offset + 1)
+        t_cache = time.time()
+        acts = [self.gm.get_submodule(n) for n in unit.act_quants(self.gm)]
+        if phase.act_quant:
+            self.init_activations(seg, caches)
+        return seg, caches, acts, dc_info, t_cache
+
+    def finish(self, p: int, i: int, n_units: int, unit: Unit, iters: int, last: dict, dc_info: dict,
+               times: dict) -> dict:
+        """Advance the global step axis past the unit, log its line, and return its summary."""
+        final = {k: round(v, 6) for k, v in last.items()}
+        self.step_offset += iters
+        log.info("unit %d/%d %s: %s (cache %.1fs, act init %.1fs, fit %.1fs)", i + 1, n_units, unit.name,
+                 " ".join(f"{k}={v:.4g}" for k, v in final.items()), times["cache_s"], times["act_init_s"],
+                 times["fit_s"])
+        return {"name": unit.name, "phase": p, "index": i, "kind": unit.kind, "iters": iters,
+                **{k: round(v, 3) for k, v in times.items()}, **final, **dc_info}
+
+    def init_activations(self, seg: fx.GraphModule, caches: Caches) -> None:
+        """The unit's uncalibrated activation quantizers, from the first `act_init_size` images of the whole
+        set (gathered from the ranks), on the quantized path where the unit has it."""
+        ctx = self.ctx
+        x_init = ctx.dist.head(caches.x_q if caches.x_q is not None else caches.x_fp, ctx.act_init_size)
+        ctx.dist.broadcast_quantizers(calibrate_activations(seg, x_init.float(), self.act_observer,
+                                                            only_uninitialized=True))
+
+    def fit(self, p: int, i: int, unit: Unit, phase: Phase, seg: fx.GraphModule, caches: Caches, acts: list,
+            name: str, desc: str) -> tuple[dict[str, float], bool]:
+        """Fit what `phase` learns on `unit` with a Lightning Trainer, then harden and freeze it. Returns the
+        last loss terms and whether anything was learned. Batches and masks come from generators seeded
+        by (seed, phase, unit, rank)."""
+        ctx, gm = self.ctx, self.gm
         layers = [gm.get_submodule(n) for n in unit.layers(gm)]
-        base_quantizers = [layer.weight_quant for layer in layers]
-        adarounds = []
-        if phase.learn_rounding:
-            for layer in layers:
-                if layer.weight_quant.active:
-                    layer.weight_quant = AdaRoundQuantizer(layer.weight_quant, layer.weight)
-                    adarounds.append(layer.weight_quant)
-        scales = [q.learn_scale() for q in acts if q.active] if (phase.learn_act_scale and phase.act_quant) else []
         rank = ctx.dist.rank
         gen = torch.Generator().manual_seed(stream_seed(ctx.seed, p, i, 2 * rank))
         mask_gen = torch.Generator(device=ctx.device).manual_seed(stream_seed(ctx.seed, p, i, 2 * rank + 1))
-        for q in acts:
-            q.drop_prob, q.generator = phase.drop_prob, mask_gen
-        module = UnitReconstruction(
-            seg, caches, iters=phase.iters, input_prob=phase.input_prob, rec_p=phase.rec_p, adarounds=adarounds,
-            scales=scales, round_lr=phase.round_lr, scale_lr=phase.scale_lr, round_weight=phase.round_weight,
-            warmup=phase.warmup, b_range=tuple(phase.b_range), mask_generator=mask_gen, log_prefix=prefix_name,
-            step_offset=self.step_offset, log_every=ctx.log_every, rec_weight=phase.rec_weight,
-            pd_weight=phase.pd_weight, temperature=phase.temperature, pd_branch_drop=phase.pd_branch_drop,
-            suffix=suffix(gm, unit.output) if phase.pd_weight > 0 else None, drop_quantizers=tuple(acts),
-            round_optimizer=phase.round_optimizer, scale_optimizer=phase.scale_optimizer,
-            scale_scheduler=phase.scale_scheduler)
-        trainable = bool(adarounds or scales)
-        later = module.suffix if module.suffix is not None else torch.nn.Identity()
-        try:
-            if trainable and phase.iters > 0:
+        rest = suffix(gm, unit.output) if phase.uses_pd else None
+        with (adaround(layers if phase.learn_rounding else []) as adarounds,
+              learned_scales(acts if phase.learns_scales else []) as scales,
+              dropping(acts, phase.drop_prob, mask_gen),
+              full_precision(rest if rest is not None else torch.nn.Identity())):  # the rest stays FP (spec §5.2)
+            module = UnitReconstruction(seg, caches, phase, adarounds=adarounds, scales=scales,
+                                        mask_generator=mask_gen, log_prefix=name, step_offset=self.step_offset,
+                                        log_every=ctx.log_every, suffix=rest, drop_quantizers=tuple(acts))
+            trained = bool(adarounds or scales)
+            if trained and phase.iters > 0:
                 # one epoch over exactly `iters` index batches (max_steps would count every optimizer's step)
                 trainer = ctx.trainer(max_epochs=1, logger=ctx.logger or False, enable_checkpointing=False,
                                       enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
                                       limit_val_batches=0, use_distributed_sampler=False,
-                                      callbacks=[UnitProgress(f"unit {i + 1}/{n_units} {unit.name}", phase.iters)])
-                with full_precision(later):  # the rest of the network stays FP (spec §5.2)
-                    batches = loader(len(caches), ctx.batch_size // ctx.dist.world_size, phase.iters, gen)
+                                      callbacks=[UnitProgress(desc, phase.iters, ctx.dist.progress_disable)])
+                batches = loader(len(caches), ctx.batch_size // ctx.dist.world_size, phase.iters, gen)
+                with warnings.catch_warnings():
+                    for message in FIT_WARNINGS:
+                        warnings.filterwarnings("ignore", message=message)
                     trainer.fit(module, train_dataloaders=batches)
-        finally:
-            for layer, base, ada in zip(layers, base_quantizers, [layer.weight_quant for layer in layers]):
-                if isinstance(ada, AdaRoundQuantizer):
-                    ada.harden()
-                    with torch.no_grad():
-                        layer.weight.copy_(ada(layer.weight))  # hard-rounded grid values: idempotent
-                layer.weight_quant = base
-            for q in acts:
-                q.freeze_scale()
-                q.drop_prob, q.generator = 1.0, None
-        t_end = time.time()
-        final = {k: round(v, 6) for k, v in module.last.items()}
-        self.step_offset += phase.iters if trainable else 0
-        log.info("unit %d/%d %s: %s (cache %.1fs, act init %.1fs, fit %.1fs)", i + 1, n_units, unit.name,
-                 " ".join(f"{k}={v:.4g}" for k, v in final.items()), t_cache - t0, t_init - t_cache, t_end - t_init)
-        return {"name": unit.name, "phase": p, "index": i, "kind": unit.kind, "iters": phase.iters if trainable else 0,
-                "seconds": round(t_end - t0, 3), "cache_s": round(t_cache - t0, 3),
-                "act_init_s": round(t_init - t_cache, 3), "fit_s": round(t_end - t_init, 3), **final, **dc_info}
+        return module.last, trained
 
     def save(self, p: int, i: int) -> None:
         if self.ctx.out_dir is not None and self.ctx.dist.main:

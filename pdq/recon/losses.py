@@ -1,0 +1,85 @@
+"""Every loss term of reconstruction and Distribution Correction, each a small named function or class.
+
+* `reconstruction_loss`: the unit-output term (spec §1.5, §4; PD-Quant's regulariser, §5.2);
+* `prediction_difference`: PD-Quant's KL term on the network output (spec §5.2);
+* `RoundingRegularizer`: AdaRound's f_reg with its beta schedule and warm-up gate (spec §1.5);
+* `bn_statistics_loss`, `proximity_loss`: the two terms of Distribution Correction (spec §5.3).
+
+A phase weights them (`Phase.rec_weight`, `pd_weight`, `round_weight`, `DCConfig.lambda_c`); adding a term
+means one function or class here, one `Phase` field for its weight and one key in `conf/method/_recon.yaml`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+BN_EPS = 1e-6
+
+
+def reconstruction_loss(out: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
+    """mean over (batch, spatial) of sum over channels |out - target|^p (the official `lp_loss`)."""
+    diff = (out - target).abs()
+    return (diff.pow(2) if p == 2 else diff.pow(p)).sum(1).mean()
+
+
+def prediction_difference(logits_q: torch.Tensor, logits_fp: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(z_fp / T) || softmax(z_q / T)), summed over classes and averaged over the batch (no T^2)."""
+    log_q = torch.log_softmax(logits_q / temperature, dim=1)
+    p_fp = torch.softmax(logits_fp / temperature, dim=1)
+    return torch.nn.functional.kl_div(log_q, p_fp, reduction="batchmean")
+
+
+def rounding_penalty(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """f_reg = sum(1 - |2 h(V) - 1|^beta): zero when every h(V) is 0 or 1, one per weight at h = 0.5."""
+    return (1 - (2 * h - 1).abs().pow(beta)).sum()
+
+
+class RoundingRegularizer:
+    """AdaRound's rounding term over `iters` steps t = 1..iters: off while t < warmup * iters, then
+    beta decays linearly from b_range[0] to b_range[1], which it reaches at the last step."""
+
+    def __init__(self, iters: int, warmup: float, b_range: tuple[float, float]):
+        self.iters, self.start = iters, warmup * iters
+        self.start_b, self.end_b = float(b_range[0]), float(b_range[1])
+
+    def active(self, t: int) -> bool:
+        return t >= self.start
+
+    def beta(self, t: int) -> float:
+        if t < self.start:
+            return self.start_b
+        rel = (t - self.start) / max(self.iters - self.start, 1)
+        return self.end_b + (self.start_b - self.end_b) * max(0.0, 1 - rel)
+
+    def __call__(self, hs: list[torch.Tensor], t: int) -> torch.Tensor | None:
+        """sum of f_reg over the rounding variables' h(V) at step t; None during the warm-up."""
+        if not self.active(t):
+            return None
+        beta = self.beta(t)
+        return sum(rounding_penalty(h, beta) for h in hs)
+
+
+def bn_statistics_loss(inputs: list[torch.Tensor], bns: list[nn.Module], denominator: int | None = None
+                       ) -> torch.Tensor:
+    """DC's BN term: for each BatchNorm, sum over channels of (per-sample mean - running mean)^2 and
+    (per-sample std - running std)^2, summed over the batch and divided by `denominator` (default: the
+    batch size, i.e. the mean; computed as the mean times n / denominator, so that one process gives the
+    same bits as a DDP rank). Per-sample statistics are over the spatial positions. Where a sample has a
+    single position per channel (BatchNorm1d on [N, C], a 1x1 map), its standard deviation is undefined
+    and only the mean term counts."""
+    loss = inputs[0].new_zeros(())
+    for a, bn in zip(inputs, bns):
+        a = a.flatten(2) if a.dim() > 2 else a.unsqueeze(-1)  # [N, C, positions]
+        loss = loss + (a.mean(-1) - bn.running_mean).pow(2).sum(1).mean()
+        if a.shape[-1] > 1:
+            sigma = torch.sqrt(a.var(-1, unbiased=True) + BN_EPS)
+            loss = loss + (sigma - torch.sqrt(bn.running_var + BN_EPS)).pow(2).sum(1).mean()
+    return loss if denominator is None else loss * (len(inputs[0]) / denominator)
+
+
+def proximity_loss(x: torch.Tensor, target: torch.Tensor, denominator: int | None = None) -> torch.Tensor:
+    """DC's proximity term: mean over (batch, spatial) of sum over channels (x - target)^2, normalised like
+    `bn_statistics_loss`."""
+    loss = (x - target).pow(2).sum(1).mean()
+    return loss if denominator is None else loss * (len(target) / denominator)

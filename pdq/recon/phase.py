@@ -1,0 +1,103 @@
+"""What one pass over the units does: its switches, loss weights and optimisers (`Phase`), and its
+Distribution Correction settings (`DCConfig`). Neither has defaults: every value comes from the method's
+composed config (`conf/method/_recon.yaml` and the method's own file), which is the one source."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+from pdq.checks import check_bool, check_choice, check_float, check_int
+from pdq.errors import PdqError
+
+PATTERNS = ("block", "layer")
+
+
+@dataclass
+class DCConfig:
+    """Distribution Correction (spec §5.3): Adam on the unit's FP input with ReduceLROnPlateau."""
+    enabled: bool
+    steps: int          # Adam steps per chunk
+    lr: float
+    lambda_c: float     # proximity weight is 1 / lambda_c
+    chunk: int          # images corrected together (official code: 32)
+    patience: int       # ReduceLROnPlateau
+    factor: float
+    min_lr: float
+
+    def __post_init__(self):
+        check_bool("method.dc.enabled", self.enabled)
+        check_int("method.dc.steps", self.steps, 1 if self.enabled else 0)
+        check_float("method.dc.lr", self.lr, 0, lo_open=True)
+        check_float("method.dc.lambda_c", self.lambda_c, 0, lo_open=True)
+        check_int("method.dc.chunk", self.chunk, 1)
+        check_int("method.dc.patience", self.patience, 0)
+        check_float("method.dc.factor", self.factor, 0, 1, lo_open=True, hi_open=True)
+        check_float("method.dc.min_lr", self.min_lr, 0)
+
+
+@dataclass
+class Phase:
+    """Switches and loss weights of one pass over the units (spec §1.5, §3, §4, §5)."""
+    pattern: str                    # block | layer: what a unit is
+    iters: int                      # optimisation steps per unit
+    learn_rounding: bool            # AdaRound variables of the unit's layers
+    learn_act_scale: bool           # LSQ scales of the unit's activation quantizers
+    act_quant: bool                 # activation quantization on while reconstructing
+    drop_prob: float                # QDrop: probability an activation element is quantized (1 = always)
+    input_prob: float               # probability a unit-input element comes from the quantized path
+    rec_p: float                    # exponent of the reconstruction term
+    round_optimizer: Callable | None    # partial optimiser of the AdaRound variables
+    scale_optimizer: Callable | None    # partial optimiser of the activation scales
+    scale_scheduler: Callable | None    # partial LR scheduler of the activation scales
+    round_weight: float             # weight of AdaRound's rounding regulariser
+    warmup: float                   # share of the steps before the rounding regulariser starts
+    b_range: tuple[float, float]    # its beta, from start to end
+    rec_weight: float               # weight of the reconstruction term
+    pd_weight: float                # weight of PD-Quant's prediction-difference term (official: 1 / lambda_r = 10)
+    temperature: float              # PD softmax temperature
+    pd_branch_drop: bool            # official: dropping stays on in the PD (quantized) half
+    dc: DCConfig | dict             # Distribution Correction of the FP unit inputs
+
+    def __post_init__(self):
+        self.dc = DCConfig(**self.dc) if isinstance(self.dc, dict) else self.dc
+        check_choice("method.pattern", self.pattern, PATTERNS)
+        check_int("method.iters", self.iters, 0)
+        for key in ("learn_rounding", "learn_act_scale", "act_quant", "pd_branch_drop"):
+            check_bool(f"method.{key}", getattr(self, key))
+        check_float("method.drop_prob", self.drop_prob, 0, 1)
+        check_float("method.input_prob", self.input_prob, 0, 1)
+        check_float("method.rec_p", self.rec_p, 0, lo_open=True)
+        for key in ("round_weight", "rec_weight", "pd_weight"):
+            check_float(f"method.{key}", getattr(self, key), 0)
+        check_float("method.warmup", self.warmup, 0, 1, hi_open=True)
+        if not isinstance(self.b_range, (list, tuple)) or len(self.b_range) != 2:
+            raise PdqError(f"method.b_range={self.b_range!r} is not accepted; accepted: [start, end], two numbers > 0")
+        self.b_range = tuple(check_float("method.b_range", b, 0, lo_open=True) for b in self.b_range)
+        check_float("method.temperature", self.temperature, 0, lo_open=True)
+        for key, lr_key, used in (("round_optimizer", "round_lr", self.learn_rounding),
+                                  ("scale_optimizer", "scale_lr", self.learns_scales)):
+            optimizer = getattr(self, key)
+            if used and optimizer is None:
+                raise PdqError(f"method.{key} is missing; accepted: a partial optimiser (see conf/method/_recon.yaml)")
+            lr = getattr(optimizer, "keywords", {}).get("lr")
+            if lr is not None:
+                check_float(f"method.{lr_key}", lr, 0, lo_open=True)
+        if self.trains and self.rec_weight == 0 and self.pd_weight == 0:
+            raise PdqError("method.rec_weight=0 and method.pd_weight=0 leave nothing to learn from; accepted: "
+                           "rec_weight > 0 or pd_weight > 0 (or learn_rounding=false and learn_act_scale=false)")
+
+    @property
+    def learns_scales(self) -> bool:
+        return self.learn_act_scale and self.act_quant
+
+    @property
+    def trains(self) -> bool:
+        return self.learn_rounding or self.learns_scales
+
+    @property
+    def uses_pd(self) -> bool:
+        return self.pd_weight > 0
+
+
+PHASE_KEYS = tuple(f.name for f in fields(Phase))

@@ -1,0 +1,232 @@
+"""Bad input that used to get through (issue 12): each ends in one PdqError naming the value and what is
+accepted, before any heavy work (data loading, FP evaluation, quantization); a crash or a logger failure
+never loses or corrupts an artifact; a run leaves its process's global state as it found it."""
+
+import gzip
+import json
+import logging
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from pdq.data import FashionMNISTDataModule, ImageNetDataModule
+from pdq.data import fashion_mnist as fm
+from pdq.errors import PdqError
+from pdq.pipeline import run
+from tests.conftest import run_cli
+
+SMALL = ["method=rtn_minmax", "calib.size=64", "calib.act_init_size=32", "data.eval_subset=200", "logger=none"]
+
+
+@pytest.fixture
+def no_heavy_work(monkeypatch):
+    """Loading the data or evaluating anything fails the test: the error must come before."""
+    def heavy(*args, **kwargs):
+        raise AssertionError("heavy work started before the bad input was refused")
+
+    for cls in (FashionMNISTDataModule, ImageNetDataModule):
+        monkeypatch.setattr(cls, "setup", heavy)
+    monkeypatch.setattr("pdq.pipeline.evaluate", heavy)
+    monkeypatch.setattr("pdq.pipeline.quantize_and_evaluate", heavy)
+
+
+def fails(make_cfg, *overrides, match):
+    with pytest.raises(PdqError, match=match):
+        run(make_cfg(*overrides))
+
+
+@pytest.mark.parametrize("value,accepted", [("-5", "1..10000"), ("0", "1..10000"), ("20000", "1..10000")])
+def test_eval_subset_outside_the_test_split(make_cfg, no_heavy_work, value, accepted):
+    fails(make_cfg, f"data.eval_subset={value}",
+          match=rf"data.eval_subset={value} is not accepted; accepted: null \(the whole test split\) or {accepted}")
+
+
+@pytest.mark.parametrize("key,value", [("batch_size", 64), ("act_init_size", 500)])
+def test_calib_batch_or_act_init_larger_than_calib_size(make_cfg, no_heavy_work, key, value):
+    fails(make_cfg, "calib.size=32", f"calib.{key}={value}",
+          match=rf"calib.{key}={value} is larger than calib.size=32 .*accepted: 1..32")
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 32), "1.5"])
+def test_seed_outside_0_to_2_pow_32(make_cfg, no_heavy_work, seed):
+    fails(make_cfg, f"seed={seed}", match=rf"seed={seed} is not accepted; accepted: an integer in \[0, 4294967295\]")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("calib.size=nan", "calib.size"),
+    ("data.eval_batch_size=nan", "data.eval_batch_size"),
+    ("data.eval_subset=inf", "data.eval_subset"),
+    ("++trainer.gradient_clip_val=nan", "trainer.gradient_clip_val"),
+    ("++trainer.gradient_clip_val=-inf", "trainer.gradient_clip_val"),
+])
+def test_nan_and_inf_are_refused(make_cfg, no_heavy_work, override, key):
+    fails(make_cfg, override, match=rf"{key}=.*is not accepted; accepted: a (finite number|positive integer)")
+
+
+def test_empty_checkpoint(make_cfg, no_heavy_work, tmp_path):
+    empty = tmp_path / "empty.pt"
+    empty.touch()
+    fails(make_cfg, f"model.checkpoint={empty}", match=r"model.checkpoint='.*empty.pt' is an empty file .*accepted")
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(make_cfg, no_heavy_work, tmp_path):
+    from pdq.models.fmnist import resnet20_fmnist
+
+    state = resnet20_fmnist().state_dict()
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    state["fc.weight"][0, 0] = float("inf")  # a later tensor: the first bad one is named
+    torch.save(state, tmp_path / "nan.pt")
+    fails(make_cfg, f"model.checkpoint={tmp_path / 'nan.pt'}",
+          match=r"holds non-finite weights: tensor 'layer2.0.conv1.weight' has 1 NaN/inf values .*accepted: finite")
+
+
+def write_idx(path, array, gz=True):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    (gzip.open if gz else open)(path, "wb").write(header + array.astype(np.uint8).tobytes())
+
+
+def tiny_fmnist(root, train=8, test=4):
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", train), ("t10k", test)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return root
+
+
+def test_truncated_gz_data_names_the_file(make_cfg, tmp_path):
+    root = tiny_fmnist(tmp_path / "fmnist")
+    images = root / "train-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:-40])  # a download cut short
+    with pytest.raises(PdqError, match=r"train-images-idx3-ubyte.gz is truncated or corrupt"):
+        FashionMNISTDataModule(root=str(root), download=False).setup()
+    with pytest.raises(PdqError, match=r"train-images-idx3-ubyte.gz is truncated or corrupt"):
+        run(make_cfg(f"data.root={root}", "data.download=false", "calib.size=8", "calib.batch_size=8",
+                     "calib.act_init_size=8", "method=rtn_minmax", "logger=none"))
+
+
+def test_imagenet_without_root(make_cfg, no_heavy_work):
+    fails(make_cfg, "data=imagenet", match=r"data.root is not set .*data=imagenet needs data.root=PATH")
+
+
+def test_run_dir_that_cannot_be_written(make_cfg, no_heavy_work, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    fails(make_cfg, f"paths.output_dir={blocker / 'run'}", match=r"the run dir .*a-file/run cannot be written")
+
+
+def fake_results(cfg, *args, **kwargs):
+    """quantize_and_evaluate without the work (for the end of a run)."""
+    return {"quant_top1": 50.0, "config": {}}
+
+
+def test_full_disk_at_the_end_is_one_clear_error(make_cfg, tmp_path, monkeypatch):
+    import errno
+
+    import pdq.pipeline as pipeline
+
+    real = pipeline.atomic_write_json
+
+    def full(path, obj):
+        if str(path).endswith("results.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, obj)
+
+    monkeypatch.setattr(pipeline, "quantize_and_evaluate", fake_results)
+    monkeypatch.setattr(pipeline, "atomic_write_json", full)
+    with pytest.raises(PdqError, match=r"no space left to write into the run dir .*No space left on device"):
+        run(make_cfg(*SMALL))
+    assert not (tmp_path / "results.json").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_per_layer_unknown_layer_before_data(make_cfg, no_heavy_work):
+    fails(make_cfg, "quant.per_layer=[layer9.aq:8]", match=r"quant.per_layer names 'layer9.aq'.*accepted: conv1")
+
+
+def test_online_wandb_without_credentials_fails_at_start(make_cfg, no_heavy_work, tmp_path, monkeypatch):
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    fails(make_cfg, "logger=wandb", "logger.offline=false",
+          match=r"logger=wandb with logger.offline=false needs W&B credentials.*accepted: `wandb login`")
+    assert not (tmp_path / "wandb").exists()
+
+
+def test_logger_failure_at_the_end_keeps_results(make_cfg, tmp_path, monkeypatch):
+    import pdq.pipeline as pipeline
+
+    def broken(logger, ok):
+        raise ConnectionError("upload failed")
+
+    monkeypatch.setattr(pipeline, "quantize_and_evaluate", fake_results)
+    monkeypatch.setattr(pipeline, "close_logger", broken)
+    with pytest.raises(PdqError, match=r"logger \(CSVLogger\) failed to finish: ConnectionError.*results.json is "
+                                       r"written"):
+        run(make_cfg(*SMALL[:-1], "logger=csv"))
+    assert json.loads((tmp_path / "results.json").read_text())["quant_top1"] == 50.0
+
+
+def test_num_workers_follows_the_machine(make_cfg, no_heavy_work):
+    from pdq.data.settings import WORKER_CAP, available_cores, resolve_num_workers
+
+    assert resolve_num_workers(None) == min(available_cores(), WORKER_CAP)
+    assert ImageNetDataModule(root="/x").num_workers == min(available_cores(), WORKER_CAP)  # yaml default: null
+    assert make_cfg("data=imagenet").data.num_workers is None
+    fails(make_cfg, "data.num_workers=10000",
+          match=rf"data.num_workers=10000 is not accepted: this process may use {available_cores()} CPU cores; "
+                rf"accepted: null .* or an integer 0..{available_cores()}")
+    fails(make_cfg, "data.num_workers=-1", match=r"data.num_workers=-1 is not accepted")
+
+
+def test_data_root_that_is_not_used_is_reported(tmp_path, caplog):
+    (tmp_path / "empty").mkdir()
+    with caplog.at_level(logging.INFO, logger="pdq"):
+        FashionMNISTDataModule(root=str(tmp_path / "empty")).prepare_data()
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "holds no Fashion-MNIST IDX files" in warned[0].getMessage()
+    assert str(fm.DEBIAN_ROOT) in warned[0].getMessage()
+    used = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any("Fashion-MNIST files:" in m and "train-images-idx3-ubyte" in m for m in used)
+    caplog.clear()
+    root = tiny_fmnist(tmp_path / "fmnist")
+    with caplog.at_level(logging.INFO, logger="pdq"):
+        FashionMNISTDataModule(root=str(root), download=False).prepare_data()
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(str(root) in r.getMessage() for r in caplog.records)
+
+
+def test_run_restores_global_state(make_cfg, no_heavy_work):
+    levels = {n: logging.getLogger(n).level for n in ("lightning.pytorch", "lightning.fabric")}
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    with pytest.raises(AssertionError, match="heavy work started"):  # past the point where the run sets them
+        run(make_cfg(*SMALL))
+    assert (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) \
+        == before
+    assert {n: logging.getLogger(n).level for n in levels} == levels
+
+
+def test_run_context_takes_the_config_values():
+    from pdq.context import RunContext
+
+    with pytest.raises(TypeError):
+        RunContext(device=torch.device("cpu"))  # seed, batch_size, act_init_size, cache_dtype: from the config
+    ctx = RunContext(device=torch.device("cpu"), seed=1, batch_size=4, act_init_size=8, cache_dtype=torch.float16)
+    assert (ctx.batch_size, ctx.act_init_size, ctx.cache_dtype) == (4, 8, torch.float16)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data.eval_subset=-5"], "data.eval_subset=-5 is not accepted"),
+    (["seed=-1"], "seed=-1 is not accepted"),
+    (["data=imagenet"], "data.root is not set"),
+])
+def test_cli_one_clear_line_and_exit_2(tmp_path, overrides, message):
+    proc = run_cli(*overrides, f"hydra.run.dir={tmp_path}", timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("pdq: error:")]
+    assert len(errors) == 1 and message in errors[0] and "accepted" in errors[0]
+    assert "Traceback" not in out and "FP top-1" not in out
+    assert not (tmp_path / "results.json").exists()
