@@ -60,8 +60,8 @@ def test_round_loss_is_off_during_warmup():
     module = UnitReconstruction(unit, caches, phase, adarounds=[ada], scales=[], mask_generator=torch.Generator(),
                                 log_prefix="u", step_offset=0, log_every=50)
     idx = torch.arange(8)
-    assert module.losses(idx)["round_loss"].item() == 0.0
-    module.t = 2
+    assert module.losses(idx)["round_loss"].item() == 0.0  # step 1 (t counts finished steps)
+    module.t = 1  # step 2 = warmup * iters: the reference code's counter switches the term on here
     assert module.losses(idx)["round_loss"].item() > 0.0
     assert layer.weight.shape == w.shape
 

@@ -65,7 +65,7 @@ class UnitReconstruction(L.LightningModule):
         self.mask_generator = mask_generator
         self.log_prefix, self.step_offset, self.log_every = log_prefix, step_offset, log_every
         self.automatic_optimization = False
-        self.t = 0
+        self.t = 0  # finished steps; the step in progress is t + 1
         self.last: dict[str, float] = {}
 
     def configure_optimizers(self):
@@ -114,7 +114,7 @@ class UnitReconstruction(L.LightningModule):
         if ph.uses_pd:
             terms["pd_loss"] = ph.pd_weight * prediction_difference(self.suffix(out_q), c.logits[idx], ph.temperature)
         if len(self.adarounds):
-            reg = self.regularizer((q.h() for q in self.adarounds), self.t)
+            reg = self.regularizer((q.h() for q in self.adarounds), self.t + 1)  # steps count from 1
             ref = out if out is not None else out_q
             terms["round_loss"] = ph.round_weight * reg if reg is not None else ref.new_zeros(())
         terms["loss"] = sum(terms.values())
