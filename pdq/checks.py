@@ -55,3 +55,13 @@ def check_choice(key: str, value: Any, choices: tuple | list) -> Any:
     if value not in choices:
         _fail(key, value, ", ".join(map(str, choices)))
     return value
+
+
+def flatten(obj, prefix: str) -> dict:
+    """{'a.b.c': value} for every leaf of a nested dict (an empty dict is a leaf)."""
+    if isinstance(obj, dict) and obj:
+        out = {}
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: obj}

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import errno
 import hashlib
-import io
 import json
 import logging
 import math
@@ -32,25 +30,31 @@ import torchvision
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import pdq
-from pdq.checks import check_int
+from pdq.checks import check_int, flatten
 from pdq.config import resolvers
 from pdq.context import RunContext
 from pdq.distributed import SINGLE, Dist, session, state_sha256, world_size_of
 from pdq.errors import PdqError, instantiate
 from pdq.evaluate import evaluate
-from pdq.io import atomic_torch_save, atomic_write, atomic_write_json
+from pdq.io import atomic_torch_save, atomic_write_json
 from pdq.models import check_model_name
 from pdq.quant import apply_layout, quantize_model
 from pdq.quant.layout import BitLayout
 from pdq.recon.engine import STATE_FILE
+from pdq.resume import (
+    begin_part,
+    fingerprint,
+    finished_results,
+    keep_earlier_metrics,
+    load_resume_state,
+    merge_metrics,
+    records_in,
+    resume_dir,
+)
 
 log = logging.getLogger("pdq")
 #: their INFO lines (one set per unit's fit) drown pdq's own; quietened for the duration of a run
 QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric")
-#: the accumulated wall time of a run's earlier parts (a resumed run is the sum of its parts)
-WALL_FILE = "wall_time.json"
-#: where a resumed run keeps the CSV rows of its earlier parts while Lightning's CSVLogger writes a new file
-EARLIER_METRICS = ".metrics_earlier.csv"
 #: the config groups whose numbers must be finite (the other groups check their own values)
 CHECKED_GROUPS = ("calib", "data", "trainer")
 SEED_MAX = 2 ** 32 - 1
@@ -98,22 +102,12 @@ def _missing_keys(node, prefix: str = "") -> list[str]:
     return found
 
 
-def _flatten(obj, prefix: str) -> dict:
-    """{'a.b.c': value} for every leaf of a nested dict (an empty dict is a leaf)."""
-    if isinstance(obj, dict) and obj:
-        out = {}
-        for key, value in obj.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: obj}
-
-
 def check_numbers_finite(cfg: DictConfig) -> None:
     for group in CHECKED_GROUPS:
         node = cfg.get(group)
         if node is None:
             continue
-        for key, value in _flatten(OmegaConf.to_container(node, resolve=True), group).items():
+        for key, value in flatten(OmegaConf.to_container(node, resolve=True), group).items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise PdqError(f"{key}={value} is not accepted; accepted: a finite number")
 
@@ -171,89 +165,6 @@ def versions() -> dict[str, str]:
             "lightning": version("lightning")}
 
 
-def fingerprint(cfg: DictConfig) -> dict:
-    """The settings a resumed run must share with the interrupted one: everything that changes the result,
-    the trainer (process count, accelerator, determinism) included."""
-    keep = ("model", "data", "method", "quant", "calib", "seed", "trainer")
-    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(keep)), resolve=True)
-
-
-def _show(value) -> str:
-    return json.dumps(value) if not isinstance(value, str) else value
-
-
-def settings_diff(saved: dict | None, cfg: DictConfig, limit: int = 8) -> list[str]:
-    """The settings in which `saved` (a fingerprint, or a results.json config) differs from this run's config,
-    each as `key: <saved> (saved) vs <now> (now)`."""
-    saved, now = saved or {}, fingerprint(cfg)
-    diffs = []
-    for group in now:
-        if group not in saved:
-            diffs.append(f"{group}: not recorded (saved) vs {_show(now[group])} (now)")
-            continue
-        a, b = _flatten(saved[group], group), _flatten(now[group], group)
-        for key in sorted(a.keys() | b.keys()):
-            if a.get(key, "<absent>") != b.get(key, "<absent>"):
-                diffs.append(f"{key}: {_show(a.get(key, '<absent>'))} (saved) vs {_show(b.get(key, '<absent>'))} (now)")
-    if len(diffs) > limit:
-        diffs = [*diffs[:limit], f"... and {len(diffs) - limit} more"]
-    return diffs
-
-
-def resume_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.output_dir if cfg.resume == "auto" else cfg.resume).expanduser()
-
-
-def finished_results(cfg: DictConfig) -> dict | None:
-    """With `resume=auto` or `resume=<dir>`: the `results.json` already in that dir, when the same settings
-    made it (the run is finished: nothing to do, and the file is left as it is)."""
-    if not cfg.get("resume"):
-        return None
-    path = resume_dir(cfg) / "results.json"
-    if not path.is_file():
-        return None
-    try:
-        results = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PdqError(f"resume={cfg.resume}: {path} is not valid JSON ({e}); remove it to run this job "
-                       f"again") from None
-    diff = settings_diff(results.get("config") if isinstance(results, dict) else None, cfg)
-    if diff:
-        raise PdqError(f"resume={cfg.resume}: {path} holds the results of other settings ({'; '.join(diff)}); "
-                       f"give this run another dir (hydra.run.dir / hydra.sweep.dir) or remove that one")
-    return results
-
-
-def read_state(path: Path, resume: str) -> dict:
-    """A saved reconstruction state, or one clear error when the file is cut short, empty or not one."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        detail = (str(e).strip().splitlines() or [""])[0][:160]
-        raise PdqError(f"resume={resume}: {path} is truncated or corrupt ({type(e).__name__}"
-                       f"{': ' + detail if detail else ''}); remove it to start this run afresh") from None
-    if not isinstance(state, dict) or not {"units", "state_dict", "fingerprint"} <= state.keys():
-        raise PdqError(f"resume={resume}: {path} is not a saved reconstruction state (no units, state_dict and "
-                       f"fingerprint); remove it to start this run afresh")
-    return state
-
-
-def load_resume_state(cfg: DictConfig) -> tuple[Path, dict | None]:
-    """(output dir, saved state or None). A resumed run writes into the interrupted run's dir; `resume=auto`
-    resumes from this run's own dir when it holds a saved state, and starts afresh otherwise."""
-    if not cfg.get("resume"):
-        return Path(cfg.paths.output_dir), None
-    run_dir = resume_dir(cfg)
-    if cfg.resume == "auto" and not (run_dir / STATE_FILE).is_file():
-        return run_dir, None
-    state = read_state(run_dir / STATE_FILE, cfg.resume)
-    diff = settings_diff(state.get("fingerprint"), cfg)
-    if diff:
-        raise PdqError(f"resume={cfg.resume}: the interrupted run in {run_dir} was made with other settings "
-                       f"({'; '.join(diff)}); resume with the interrupted run's overrides")
-    return run_dir, state
-
-
 def check_writable(out_dir: Path) -> None:
     """The run dir takes a file now, not only at the end of the work."""
     try:
@@ -305,87 +216,6 @@ def start_logger(cfg: DictConfig, resumed: bool):
     if resumed:
         keep_earlier_metrics(logger)
     return logger
-
-
-def _metrics_files(logger) -> tuple[Path, Path] | None:
-    log_dir = getattr(logger, "log_dir", None)
-    if type(logger).__name__ != "CSVLogger" or not log_dir:
-        return None
-    return Path(log_dir) / "metrics.csv", Path(log_dir).parent / EARLIER_METRICS
-
-
-def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        return list(reader), list(reader.fieldnames or [])
-
-
-def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, buf.getvalue())
-
-
-def keep_earlier_metrics(logger) -> None:
-    """Lightning's CSVLogger deletes the metrics.csv it finds in its dir. A resumed run first moves the rows of
-    the interrupted part aside (after those of still earlier parts); `merge_metrics` puts them back in front."""
-    files = _metrics_files(logger)
-    if files is None or not files[0].is_file():
-        return
-    current, earlier = files
-    rows, fields = _read_csv(earlier) if earlier.is_file() else ([], [])
-    more, more_fields = _read_csv(current)
-    _write_csv(earlier, rows + more, sorted(set(fields) | set(more_fields)))
-    current.unlink()
-
-
-def merge_metrics(logger) -> None:
-    files = _metrics_files(logger)
-    if files is None or not files[1].is_file():
-        return
-    current, earlier = files
-    rows, fields = _read_csv(earlier)
-    more, more_fields = _read_csv(current) if current.is_file() else ([], [])
-    _write_csv(current, rows + more, sorted(set(fields) | set(more_fields)))
-    earlier.unlink()
-
-
-@contextlib.contextmanager
-def records_in(out_dir: Path, job_dir: Path) -> Iterator[None]:
-    """A run resumed in another run's dir logs there too: Hydra's log file is in this job's own new dir, so
-    each of its file handlers gets a twin appending to the same file name in `out_dir`."""
-    root, added = logging.getLogger(), []
-    if out_dir.resolve() != job_dir.resolve():
-        for handler in list(root.handlers):
-            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == job_dir.resolve():
-                twin = logging.FileHandler(out_dir / Path(handler.baseFilename).name, mode="a")
-                twin.setFormatter(handler.formatter)
-                twin.setLevel(handler.level)
-                root.addHandler(twin)
-                added.append(twin)
-    try:
-        yield
-    finally:
-        for handler in added:
-            root.removeHandler(handler)
-            handler.close()
-
-
-def begin_part(out_dir: Path, resumed: bool, t0: float) -> float:
-    """Record this part's start in WALL_FILE and return the wall seconds of the run's earlier parts: each
-    interrupted part counts from its start to its last saved unit (the save time of STATE_FILE)."""
-    path, before = out_dir / WALL_FILE, 0.0
-    if resumed:
-        try:
-            record = json.loads(path.read_text())
-            saved_at = (out_dir / STATE_FILE).stat().st_mtime
-            before = float(record["before_s"]) + max(0.0, saved_at - float(record["started"]))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("%s could not be read (%s): wall_s counts this part only", path, type(e).__name__)
-    atomic_write_json(path, {"before_s": round(before, 3), "started": t0})
-    return before
 
 
 def run(cfg: DictConfig) -> dict:
