@@ -12,10 +12,14 @@ from pdq.quant.state import calibrate_activations, calibrate_weights, set_quant_
 
 class RoundToNearest:
     iters = 0
-    components = {"pd": False, "reg": False, "dc": False}
 
     def __init__(self, name: str, weight_observer: Observer, act_observer: Observer):
         self.name, self.weight_observer, self.act_observer = name, weight_observer, act_observer
+
+    @property
+    def components(self) -> dict[str, bool]:
+        """None of PD-Quant's components (PD term, reconstruction regulariser, DC)."""
+        return {"pd": False, "reg": False, "dc": False}
 
     def quantize(self, qmodel: fx.GraphModule, calib: torch.Tensor, ctx: RunContext) -> list[dict]:
         fitted = calibrate_weights(qmodel, self.weight_observer, ctx.dist)
