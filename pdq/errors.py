@@ -11,6 +11,12 @@ class PdqError(ValueError):
     """Bad user input (config value, missing data folder, corrupt checkpoint)."""
 
 
+def cause(e: BaseException, limit: int = 200) -> str:
+    """`TypeName: first line of the message` (cut at `limit`), to quote a library's exception in one line."""
+    detail = (str(e).strip().splitlines() or [""])[0][:limit]
+    return f"{type(e).__name__}{': ' + detail if detail else ''}"
+
+
 def instantiate(config: Any, **kwargs: Any) -> Any:
     """`hydra.utils.instantiate`, but a PdqError raised by the target comes out as itself (Hydra wraps
     it in an InstantiationException, which would turn a clear message into a stack trace), and a key the

@@ -34,7 +34,7 @@ from pdq.checks import check_int, flatten
 from pdq.config import resolvers
 from pdq.context import RunContext
 from pdq.distributed import SINGLE, Dist, session, state_sha256, world_size_of
-from pdq.errors import PdqError, instantiate
+from pdq.errors import PdqError, cause, instantiate
 from pdq.evaluate import evaluate
 from pdq.io import atomic_torch_save, atomic_write_json
 from pdq.models import check_model_name
@@ -210,8 +210,7 @@ def start_logger(cfg: DictConfig, resumed: bool):
         try:
             logger.experiment  # noqa: B018  (wandb.init)
         except Exception as e:
-            detail = (str(e).strip().splitlines() or [""])[0][:200]
-            raise PdqError(f"logger=wandb could not start a W&B run ({type(e).__name__}: {detail}); accepted: "
+            raise PdqError(f"logger=wandb could not start a W&B run ({cause(e)}); accepted: "
                            f"logger.offline=true, W&B credentials (wandb login), or logger=csv") from None
     if resumed:
         keep_earlier_metrics(logger)

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pdq.checks import flatten
-from pdq.errors import PdqError
+from pdq.errors import PdqError, cause
 from pdq.io import atomic_write, atomic_write_json
 from pdq.recon.engine import STATE_FILE
 
@@ -87,9 +87,8 @@ def read_state(path: Path, resume: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        detail = (str(e).strip().splitlines() or [""])[0][:160]
-        raise PdqError(f"resume={resume}: {path} is truncated or corrupt ({type(e).__name__}"
-                       f"{': ' + detail if detail else ''}); remove it to start this run afresh") from None
+        raise PdqError(f"resume={resume}: {path} is truncated or corrupt ({cause(e, 160)}); remove it to start "
+                       f"this run afresh") from None
     if not isinstance(state, dict) or not {"units", "state_dict", "fingerprint"} <= state.keys():
         raise PdqError(f"resume={resume}: {path} is not a saved reconstruction state (no units, state_dict and "
                        f"fingerprint); remove it to start this run afresh")
@@ -133,28 +132,29 @@ def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
     atomic_write(path, buf.getvalue())
 
 
+def _concat_csv(first: Path, second: Path, into: Path) -> None:
+    """The rows of `first` then `second` (either may be missing) written atomically into `into`, with the
+    union of their columns; the source that is not `into` is removed."""
+    rows, fields = _read_csv(first) if first.is_file() else ([], [])
+    more, more_fields = _read_csv(second) if second.is_file() else ([], [])
+    _write_csv(into, rows + more, sorted(set(fields) | set(more_fields)))
+    (second if into == first else first).unlink(missing_ok=True)
+
+
 def keep_earlier_metrics(logger) -> None:
     """Lightning's CSVLogger deletes the metrics.csv it finds in its dir. A resumed run first moves the rows of
     the interrupted part aside (after those of still earlier parts); `merge_metrics` puts them back in front."""
     files = _metrics_files(logger)
-    if files is None or not files[0].is_file():
-        return
-    current, earlier = files
-    rows, fields = _read_csv(earlier) if earlier.is_file() else ([], [])
-    more, more_fields = _read_csv(current)
-    _write_csv(earlier, rows + more, sorted(set(fields) | set(more_fields)))
-    current.unlink()
+    if files is not None and files[0].is_file():
+        current, earlier = files
+        _concat_csv(earlier, current, into=earlier)
 
 
 def merge_metrics(logger) -> None:
     files = _metrics_files(logger)
-    if files is None or not files[1].is_file():
-        return
-    current, earlier = files
-    rows, fields = _read_csv(earlier)
-    more, more_fields = _read_csv(current) if current.is_file() else ([], [])
-    _write_csv(current, rows + more, sorted(set(fields) | set(more_fields)))
-    earlier.unlink()
+    if files is not None and files[1].is_file():
+        current, earlier = files
+        _concat_csv(earlier, current, into=current)
 
 
 @contextlib.contextmanager

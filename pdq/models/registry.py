@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
-from pdq.errors import PdqError
+from pdq.errors import PdqError, cause
 from pdq.models import fmnist
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
@@ -80,9 +80,7 @@ def load_state_dict(path: str | Path, verify_sha256: bool = False) -> dict[str, 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle garbage, ...
-        detail = (str(e).strip().splitlines() or [""])[0][:200]
-        raise PdqError(f"model.checkpoint={str(path)!r} is corrupt or not a PyTorch checkpoint: "
-                       f"{type(e).__name__}{': ' + detail if detail else ''}") from None
+        raise PdqError(f"model.checkpoint={str(path)!r} is corrupt or not a PyTorch checkpoint: {cause(e)}") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

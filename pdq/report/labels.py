@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
+from pdq.checks import flatten
+
 PAPER_BITS = ["W4A4", "W2A4", "W4A2", "W2A2"]
 METHOD_ORDER = ["rtn_minmax", "rtn_cosine", "rtn_mse", "pd_scale", "adaround", "brecq",
                 "qdrop", "pd_only", "pd_reg", "qdrop_dc", "pdquant"]
@@ -64,11 +66,7 @@ def run_settings(r: dict) -> dict[str, str]:
     flat: dict[str, str] = {}
 
     def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
-        else:
-            flat[prefix] = json.dumps(value, sort_keys=True)
+        flat.update({k: json.dumps(v, sort_keys=True) for k, v in flatten(value, prefix).items() if v != {}})
 
     walk("", {k: v for k, v in method.items() if k not in ("phases", "name", "iters")})
     for i, phase in enumerate(method.get("phases") or []):  # what a phase sets itself, not the method's values
