@@ -1,3 +1,14 @@
-"""pdq: post-training quantization (PD-Quant, QDrop, BRECQ, AdaRound, RTN) for CNNs."""
+"""pdq: post-training quantization (PD-Quant, QDrop, BRECQ, AdaRound, RTN) for CNNs.
+
+`pdq.quantize(model, images, method=..., bits=..., **overrides)` is the Python entry point (`pdq.api`)."""
 
 __version__ = "0.1.0"
+__all__ = ["quantize"]
+
+
+def __getattr__(name: str):
+    if name == "quantize":  # imported on first use: `import pdq` stays light
+        from pdq.api import quantize
+
+        return quantize
+    raise AttributeError(f"module 'pdq' has no attribute {name!r}")

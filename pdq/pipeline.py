@@ -37,7 +37,7 @@ from pdq.distributed import SINGLE, Dist, session, state_sha256, world_size_of
 from pdq.errors import PdqError, cause, instantiate
 from pdq.evaluate import evaluate
 from pdq.io import atomic_torch_save, atomic_write_json
-from pdq.models import check_model_name
+from pdq.models.registry import check_input, check_model_config
 from pdq.quant import apply_layout, quantize_model
 from pdq.quant.layout import BitLayout
 from pdq.recon.engine import STATE_FILE
@@ -58,8 +58,8 @@ QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 #: the config groups whose numbers must be finite (the other groups check their own values)
 CHECKED_GROUPS = ("calib", "data", "trainer")
 SEED_MAX = 2 ** 32 - 1
-MISSING_HINTS = {"data.root": "data=imagenet needs data.root=PATH; accepted: a folder holding train/ and val/ class "
-                              "folders"}
+MISSING_HINTS = {"data.root": "data=imagenet and data=folder need data.root=PATH; accepted: a folder holding train/ "
+                              "and val/ class folders (imagenet), a folder of calibration images (folder)"}
 
 
 @contextlib.contextmanager
@@ -112,15 +112,17 @@ def check_numbers_finite(cfg: DictConfig) -> None:
                 raise PdqError(f"{key}={value} is not accepted; accepted: a finite number")
 
 
-def validate(cfg: DictConfig) -> BitLayout:
-    """Cheap checks of every user value, before anything heavy is loaded."""
+def validate(cfg: DictConfig, check_model: bool = True) -> BitLayout:
+    """Cheap checks of every user value, before anything heavy is loaded (`check_model=False`: the model
+    is given as an object, not by its config)."""
     missing = _missing_keys(cfg)
     if missing:
         key = missing[0]
         raise PdqError(f"{key} is not set and has no default; "
                        + MISSING_HINTS.get(key, f"accepted: {key}=<value> on the command line"))
     check_numbers_finite(cfg)
-    check_model_name(cfg.model.name)
+    if check_model:
+        check_model_config(cfg.model)
     if cfg.model.get("checkpoint") and not Path(cfg.model.checkpoint).expanduser().is_file():
         raise PdqError(f"model.checkpoint={cfg.model.checkpoint!r} does not exist "
                        f"(accepted: a readable checkpoint file)")
@@ -218,14 +220,22 @@ def start_logger(cfg: DictConfig, resumed: bool):
 
 
 def run(cfg: DictConfig) -> dict:
+    """One run from its config (`run.py`); returns results.json's content."""
+    return execute(cfg)[0]
+
+
+def execute(cfg: DictConfig, model: torch.nn.Module | None = None,
+            datamodule=None) -> tuple[dict, torch.nn.Module | None]:
+    """(results, quantized model) of one run; `model` and `datamodule`, when given (`pdq.quantize`), are used
+    instead of building `cfg.model` and `cfg.data`. The model is None when a resumed run had finished."""
     t0 = time.time()
     with run_scope():
-        layout = validate(cfg)
+        layout = validate(cfg, check_model=model is None)
         done = finished_results(cfg)
         if done is not None:
-            log.info("resume=%s: %s already holds this run's results.json (top-1 %.2f%%); nothing to do",
+            log.info("resume=%s: %s already holds this run's results.json (top-1 %s); nothing to do",
                      cfg.resume, resume_dir(cfg), done["quant_top1"])
-            return done
+            return done, None
         out_dir, resume_state = load_resume_state(cfg)
         job_dir = Path(cfg.paths.output_dir)
         if out_dir.resolve() != job_dir.resolve():  # every record of a resumed run goes into the run's own dir
@@ -234,7 +244,7 @@ def run(cfg: DictConfig) -> dict:
         check_writable(out_dir)
         check_logger(cfg)
         method = instantiate(cfg.method)
-        datamodule = instantiate(cfg.data)
+        datamodule = datamodule if datamodule is not None else instantiate(cfg.data)
         datamodule.prepare_data()  # cheap: the files exist, split sizes
         if cfg.calib.size > datamodule.train_size:
             raise PdqError(f"calib.size={cfg.calib.size} is larger than the training split "
@@ -243,7 +253,7 @@ def run(cfg: DictConfig) -> dict:
             if resume_state is not None:
                 log.info("resuming %s after %d finished units", out_dir, len(resume_state["units"]))
             try:
-                return run_ranks(cfg, layout, method, datamodule, out_dir, resume_state, dist, t0)
+                return run_ranks(cfg, layout, method, datamodule, out_dir, resume_state, dist, t0, model)
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     where = f" ({e.filename})" if e.filename else ""
@@ -254,7 +264,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def run_ranks(cfg: DictConfig, layout: BitLayout, method, datamodule, out_dir: Path, resume_state: dict | None,
-              dist: Dist, t0: float) -> dict:
+              dist: Dist, t0: float, model: torch.nn.Module | None = None) -> tuple[dict, torch.nn.Module]:
     """Everything after validation, on every rank of a DDP run (once without DDP)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.use_deterministic_algorithms(bool(cfg.trainer.get("deterministic")), warn_only=True)
@@ -262,11 +272,12 @@ def run_ranks(cfg: DictConfig, layout: BitLayout, method, datamodule, out_dir: P
     wall_before = begin_part(out_dir, resume_state is not None, t0) if dist.main else 0.0
     logger = start_logger(cfg, resume_state is not None) if cfg.get("logger") and dist.main else None  # rank 0 logs
     try:
-        model = instantiate(cfg.model).to(device)
+        model = (model if model is not None else instantiate(cfg.model)).eval().to(device)
         qmodel = quantize_model(model).to(device)  # cheap: the per-layer layout is resolved before the data
         table = layout.resolve(qmodel)
         apply_layout(qmodel, table)
         datamodule.setup()
+        check_input(model, datamodule.calibration_set(1, cfg.seed)[0].to(device), datamodule.name)
         results = quantize_and_evaluate(cfg, layout, table, datamodule, model, qmodel, method, logger, device,
                                         out_dir, resume_state, dist)
         results["wall_s"] = round(wall_before + time.time() - t0, 2)
@@ -277,7 +288,7 @@ def run_ranks(cfg: DictConfig, layout: BitLayout, method, datamodule, out_dir: P
         finish_logger(logger, ok=False)
         raise
     finish_logger(logger, ok=True)
-    return results
+    return results, qmodel
 
 
 def peak_memory_mib(device: torch.device) -> dict[str, float]:
@@ -339,7 +350,9 @@ def quantize_and_evaluate(cfg, layout, table, datamodule, model, qmodel, method,
     log.info("model=%s data=%s method=%s W%dA%d layout=%s seed=%d device=%s", cfg.model.name,
              datamodule.name, method.name, layout.w_bits, layout.a_bits, layout.layout, cfg.seed, device)
     test_loader = datamodule.test_dataloader()
-    fp_top1 = fp_accuracy(cfg, model, test_loader, device, dist)
+    if test_loader is None:
+        log.info("data=%s has no evaluation set: top-1 is not measured", datamodule.name)
+    fp_top1 = fp_accuracy(cfg, model, test_loader, device, dist) if test_loader is not None else None
 
     calib = datamodule.calibration_set(cfg.calib.size, cfg.seed)
     ctx = RunContext(device=device, seed=cfg.seed, batch_size=cfg.calib.batch_size,
@@ -347,20 +360,25 @@ def quantize_and_evaluate(cfg, layout, table, datamodule, model, qmodel, method,
                      trainer=instantiate(cfg.trainer), logger=logger, out_dir=out_dir, resume_state=resume_state,
                      reconstruct_stem=layout.reconstruct_stem, fingerprint=fingerprint(cfg), fp_model=model,
                      dist=dist)
+    unit_table = method.unit_table(qmodel)
+    log_unit_table(unit_table)
     t_q = time.time()
     units = method.quantize(qmodel, calib, ctx)
     quant_seconds = time.time() - t_q
-    quant_top1 = evaluate(qmodel, test_loader, device, desc="quant eval", dist=dist)
-    log.info("%s W%dA%d top-1: %.2f%% (FP %.2f%%)", method.name, layout.w_bits, layout.a_bits, quant_top1, fp_top1)
+    quant_top1 = None
+    if test_loader is not None:
+        quant_top1 = evaluate(qmodel, test_loader, device, desc="quant eval", dist=dist)
+        log.info("%s W%dA%d top-1: %.2f%% (FP %.2f%%)", method.name, layout.w_bits, layout.a_bits, quant_top1,
+                 fp_top1)
 
     results = {
         "model": cfg.model.name, "dataset": datamodule.name, "method": method.name,
         "w_bits": layout.w_bits, "a_bits": layout.a_bits, "seed": cfg.seed, "calib_size": cfg.calib.size,
         "iters": int(getattr(method, "iters", 0)), "components": method.components,
-        "fp_top1": round(fp_top1, 4), "quant_top1": round(quant_top1, 4),
-        "eval_images": len(test_loader.dataset),
+        "fp_top1": _round(fp_top1), "quant_top1": _round(quant_top1),
+        "eval_images": len(test_loader.dataset) if test_loader is not None else 0,
         "quant_s": round(quant_seconds, 2), "versions": versions(),
-        "units": units, "layout": {"preset": layout.layout, **table},
+        "unit_table": unit_table, "units": units, "layout": {"preset": layout.layout, **table},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     results["world_size"] = dist.world_size
@@ -371,6 +389,24 @@ def quantize_and_evaluate(cfg, layout, table, datamodule, model, qmodel, method,
             log.error("the ranks ended with different quantized models: %s", results["rank_state_sha256"])
     if dist.main:
         atomic_torch_save(qmodel.state_dict(), out_dir / "quantized_model.pt")
-    if logger is not None:
+    if logger is not None and test_loader is not None:
         logger.log_metrics({"fp_top1": fp_top1, "quant_top1": quant_top1}, step=sum(u["iters"] for u in units))
     return results
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def log_unit_table(rows: list[dict]) -> None:
+    """The reconstruction units, one line each, and the warnings the table earns (`pdq.recon.units`)."""
+    for pattern in dict.fromkeys(row["pattern"] for row in rows):
+        mine = [row for row in rows if row["pattern"] == pattern]
+        log.info("%d units (pattern=%s): name | found by | weight layers | activation quantizers", len(mine), pattern)
+        for i, row in enumerate(mine):
+            layers = ", ".join(row["layers"])
+            log.info("  %2d %s | %s | %d: %s | %d", i, row["name"], row["source"], len(row["layers"]),
+                     layers if len(layers) <= 100 else layers[:97] + "...", len(row["act_quants"]))
+    for row in rows:
+        for warning in row.get("warnings", []):
+            log.warning("%s", warning)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -49,35 +51,26 @@ def test_top1(model, dm) -> float:
     return 100.0 * correct / total
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", choices=sorted(EMBEDDED), required=True)
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=0.1)
-    ap.add_argument("--weight-decay", type=float, default=5e-4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None, help="checkpoint path (default: the bundled one)")
-    args = ap.parse_args()
-
+def train(make_model: Callable[[], torch.nn.Module], args: argparse.Namespace) -> tuple[torch.nn.Module, float, float]:
+    """The recipe of the module docstring on the real training split, seeded by `args.seed` (the model is
+    built after seeding); returns the trained model, its final test top-1 and when training started."""
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     dm = FashionMNISTDataModule()
     x_all, y_all = dm.split("train")
     x_all = normalize(x_all)
-    model = build_model(args.model, pretrained=False)
+    model = make_model()
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     opt = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
                            {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, momentum=0.9, nesterov=True)
-    steps = args.epochs * (len(x_all) // args.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.25)
+    nb = len(x_all) // args.batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * nb, pct_start=0.25)
     t0 = time.time()
     for epoch in range(args.epochs):
         model.train()
         perm = torch.randperm(len(x_all), generator=g)
         running = 0.0
-        nb = len(x_all) // args.batch_size
         for b in range(nb):
             idx = perm[b * args.batch_size:(b + 1) * args.batch_size]
             loss = F.cross_entropy(model(augment(x_all[idx], g)), y_all[idx])
@@ -89,6 +82,21 @@ def main() -> None:
         acc = test_top1(model, dm)
         print(f"epoch {epoch + 1}/{args.epochs} loss {running / nb:.4f} test top-1 {acc:.2f}% "
               f"({time.time() - t0:.0f}s)", flush=True)
+    return model, acc, t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=sorted(EMBEDDED), required=True)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--weight-decay", type=float, default=5e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None, help="checkpoint path (default: the bundled one)")
+    args = ap.parse_args()
+
+    model, acc, t0 = train(partial(build_model, args.model, pretrained=False), args)
     out = args.out or CHECKPOINT_DIR / f"{args.model}.pt"
     recipe = {k: v for k, v in vars(args).items() if k != "out"}
     atomic_torch_save({"arch": args.model, "state_dict": model.state_dict(), "recipe": recipe,

@@ -13,6 +13,7 @@ from pdq.quant.observers import Observer
 from pdq.quant.state import act_quantizers, calibrate_activations, calibrate_weights
 from pdq.recon.engine import ReconstructionEngine
 from pdq.recon.phase import PHASE_KEYS, Phase
+from pdq.recon.units import find_units, warn_about
 
 #: method keys that are no phase field: the YAML interpolates them into phases (optimiser learning rates,
 #: the steps of BRECQ's activation phase)
@@ -49,6 +50,17 @@ class Reconstruction:
         """PD-Quant's components this method uses: PD term, reconstruction regulariser, DC."""
         return {"pd": any(p.pd_weight > 0 for p in self.phases), "reg": any(p.rec_weight > 0 for p in self.phases),
                 "dc": any(p.dc.enabled for p in self.phases)}
+
+    def unit_table(self, qmodel: fx.GraphModule) -> list[dict]:
+        """The units of every pattern the phases use, one row each (`Unit.row`), the first row of each
+        pattern carrying the warnings it earns."""
+        rows = []
+        for pattern in dict.fromkeys(p.pattern for p in self.phases):
+            units = find_units(qmodel, pattern)
+            mine = [{"pattern": pattern, **u.row(qmodel)} for u in units]
+            mine[0]["warnings"] = warn_about(qmodel, units, pattern)
+            rows += mine
+        return rows
 
     def quantize(self, qmodel: fx.GraphModule, calib: torch.Tensor, ctx: RunContext) -> list[dict]:
         if ctx.resume_state is not None:  # the saved state holds the weight scales: no second search

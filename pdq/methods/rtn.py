@@ -21,6 +21,10 @@ class RoundToNearest:
         """None of PD-Quant's components (PD term, reconstruction regulariser, DC)."""
         return {"pd": False, "reg": False, "dc": False}
 
+    def unit_table(self, qmodel: fx.GraphModule) -> list[dict]:
+        """No reconstruction units: every quantizer is set from statistics alone."""
+        return []
+
     def quantize(self, qmodel: fx.GraphModule, calib: torch.Tensor, ctx: RunContext) -> list[dict]:
         fitted = calibrate_weights(qmodel, self.weight_observer, ctx.dist)
         set_quant_state(qmodel, weight=True, act=True)

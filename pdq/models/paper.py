@@ -5,8 +5,8 @@
 
 torchvision blocks are used where the parameter names are BRECQ's too (ResNet's BasicBlock/Bottleneck,
 MNasNet's `_InvertedResidual`, the conv+BN+act stems); BRECQ's MobileNetV2 inverted residual and RegNet
-bottleneck name their layers differently and are defined here, registered with `register_block` so that
-unit discovery treats them like torchvision's blocks."""
+bottleneck name their layers differently and are defined here. Their reconstruction units are found from
+the graph (`pdq.recon.units`), like any model's."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 from pdq.models.fmnist import _init
 from pdq.models.registry import register_model
-from pdq.recon.units import register_block
 
 # --------------------------------------------------------------------------------------------- ResNet
 
@@ -93,7 +92,6 @@ def resnet50_brecq(num_classes: int = 1000, **kwargs) -> ResNetBRECQ:
 # ---------------------------------------------------------------------------------------- MobileNetV2
 
 
-@register_block
 class InvertedResidualBRECQ(nn.Module):
     """BRECQ's MobileNetV2 block: one flat `conv` Sequential (t=1: dw, BN, ReLU6, pw-linear, BN;
     else pw, BN, ReLU6, dw, BN, ReLU6, pw-linear, BN); residual add when stride 1 and inp == oup."""
@@ -180,7 +178,6 @@ class BottleneckTransform(nn.Module):
         return self.c_bn(self.c(x))
 
 
-@register_block
 class ResBottleneckBlock(nn.Module):
     """relu(shortcut + f(x)); the shortcut is proj (1x1, stride) + bn when the shape changes."""
 

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,6 +54,43 @@ def check_model_name(name: str) -> None:
                        f"or a torchvision classification model ({', '.join(torchvision_names()[:6])}, ...)")
 
 
+def check_model_config(model_cfg) -> None:
+    """Cheap checks of the model config before anything is loaded: a known name, or an importable target."""
+    if str(model_cfg.get("_target_", "")).endswith("build_custom"):
+        if model_cfg.get("target"):
+            _import_target(model_cfg.target)
+        elif not model_cfg.get("checkpoint"):
+            raise PdqError("model=custom needs model.target=<dotted path of a class or factory>, e.g. "
+                           "my_pkg.my_module.MyNet (or model.checkpoint=PATH of a whole module with "
+                           "model.trust_checkpoint=true)")
+    else:
+        check_model_name(model_cfg.name)
+
+
+def expected_input(model: nn.Module) -> str:
+    """What the model's first conv takes, in words."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Conv2d):
+            return f"its first conv {name} takes {mod.in_channels} input channels"
+    return "it has no Conv2d"
+
+
+@torch.no_grad()
+def check_input(model: nn.Module, image: torch.Tensor, data: str) -> None:
+    """One calibration image through the float model before any heavy work: a shape or channel mismatch
+    is one error naming both sides; the model must return [N, classes] logits."""
+    try:
+        out = model(image[None])
+    except Exception as e:
+        raise PdqError(f"the model does not take data={data}'s images: they are {list(image.shape)} (C x H x W), "
+                       f"and {expected_input(model)} ({cause(e)}); accepted: a model and data that match "
+                       f"(model.in_channels, data.channels, data.image_size)") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise PdqError(f"{type(model).__name__} returns {got} for one image; accepted: a model that returns logits "
+                       f"of shape [N, classes]")
+
+
 def _expected_sha256(path: Path) -> str | None:
     sums = path.parent / "SHA256SUMS"
     if not sums.exists():
@@ -63,9 +102,25 @@ def _expected_sha256(path: Path) -> str | None:
     return None
 
 
-def load_state_dict(path: str | Path, verify_sha256: bool = False) -> dict[str, torch.Tensor]:
-    """Load a checkpoint file into a state dict; accepts a raw state dict or one under
-    `state_dict` / `model` (BRECQ's MobileNetV2), and strips a DDP `module.` prefix."""
+def _read_checkpoint(path: Path, trust: bool):
+    """The object in a checkpoint file; a pickled object beyond tensors and containers only when trusted."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        if not trust and "Unsupported global" in str(e):
+            raise PdqError(f"model.checkpoint={str(path)!r} holds pickled Python objects (e.g. a whole module saved "
+                           f"with torch.save(model)), and unpickling them can run arbitrary code; accepted: a state "
+                           f"dict (torch.save(model.state_dict())), or model.trust_checkpoint=true for a file you "
+                           f"trust") from None
+        detail = str(e).partition("WeightsUnpickler error:")[2].strip().split("\n")[0] or cause(e)
+        raise PdqError(f"model.checkpoint={str(path)!r} is corrupt or not a PyTorch checkpoint: {detail}") from None
+    except Exception as e:  # truncated zip, garbage, a class that no longer imports
+        raise PdqError(f"model.checkpoint={str(path)!r} is corrupt or not a PyTorch checkpoint: {cause(e)}") from None
+
+
+def load_checkpoint(path: str | Path, verify_sha256: bool = False, trust: bool = False) -> dict | nn.Module:
+    """A checkpoint file's state dict (raw, or under `state_dict` / `model` as BRECQ's MobileNetV2, a DDP
+    `module.` prefix stripped), or with `trust` the whole module it may hold."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise PdqError(f"model.checkpoint={str(path)!r} does not exist (accepted: a readable .pt/.pth/.pth.tar file)")
@@ -77,17 +132,23 @@ def load_state_dict(path: str | Path, verify_sha256: bool = False) -> dict[str, 
     if path.stat().st_size == 0:
         raise PdqError(f"model.checkpoint={str(path)!r} is an empty file (0 bytes); accepted: a PyTorch checkpoint "
                        f"(a state dict saved by torch.save)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle garbage, ...
-        raise PdqError(f"model.checkpoint={str(path)!r} is corrupt or not a PyTorch checkpoint: {cause(e)}") from None
+    obj = _read_checkpoint(path, trust)
+    if isinstance(obj, nn.Module):
+        return obj
     for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+        if isinstance(obj, dict) and isinstance(obj.get(key), (dict, nn.Module)):
             obj = obj[key]
+    if isinstance(obj, nn.Module):
+        return obj
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise PdqError(f"model.checkpoint={str(path)!r} holds no state dict (a dict of tensors, "
                        f"optionally under 'state_dict' or 'model')")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_state_dict(path: str | Path, verify_sha256: bool = False, trust: bool = False) -> dict[str, torch.Tensor]:
+    obj = load_checkpoint(path, verify_sha256, trust)
+    return obj.state_dict() if isinstance(obj, nn.Module) else obj
 
 
 def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
@@ -100,13 +161,89 @@ def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
                                f"(of {t.numel()}); accepted: finite weights")
 
 
+def mismatch(model: nn.Module, state: dict[str, torch.Tensor], shown: int = 5) -> str:
+    """The first missing and unexpected keys and mismatched shapes of `state` against `model` ('' if it fits)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} (checkpoint {list(state[k].shape)}, model {list(own[k].shape)})" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    parts = []
+    for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mismatched shapes", shapes)):
+        if items:
+            more = f", ... ({len(items) - shown} more)" if len(items) > shown else ""
+            parts.append(f"{len(items)} {what}: {', '.join(items[:shown])}{more}")
+    return "; ".join(parts)
+
+
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
     check_finite(state, source)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise PdqError(f"{source} does not fit {type(model).__name__}: {str(e).splitlines()[0][:300]}") from None
+    problems = mismatch(model, state)
+    if problems:
+        raise PdqError(f"{source} does not fit {type(model).__name__}: {problems}")
+    model.load_state_dict(state, strict=True)
     return model
+
+
+def _import_target(target: str) -> Callable[..., nn.Module]:
+    module_name, _, attr = str(target).rpartition(".")
+    if not module_name:
+        raise PdqError(f"model.target={target!r} is not a dotted path; accepted: an importable class or factory, "
+                       f"e.g. my_pkg.my_module.MyNet")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise PdqError(f"model.target={target!r}: module {module_name!r} cannot be imported ({cause(e)}); accepted: "
+                       f"a module on the current directory or PYTHONPATH") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise PdqError(f"model.target={target!r}: {module_name} has no class or function {attr!r}; accepted: "
+                       f"{', '.join(n for n in dir(module) if callable(getattr(module, n)) and not n.startswith('_'))}")
+    return fn
+
+
+def build_custom(target: str | None = None, kwargs: dict | None = None, checkpoint: str | None = None,
+                 trust_checkpoint: bool = False, name: str = "custom", ptq: dict | None = None) -> nn.Module:
+    """The user's own model (`model=custom`): `target(**kwargs)` with `checkpoint` loaded into it, or the whole
+    module a trusted checkpoint holds. `name` labels the run; `ptq` is read by the method configs."""
+    if target is None and checkpoint is None:
+        raise PdqError("model=custom needs model.target=<dotted path of a class or factory> (and usually "
+                       "model.checkpoint=PATH), or model.checkpoint=PATH of a whole module with "
+                       "model.trust_checkpoint=true")
+    saved = load_checkpoint(checkpoint, trust=trust_checkpoint) if checkpoint is not None else None
+    if target is None:
+        if not isinstance(saved, nn.Module):
+            raise PdqError(f"model.checkpoint={checkpoint!r} holds a state dict, not a module; accepted: "
+                           f"model.target=<the class or factory it belongs to>")
+        return saved.float().eval()
+    fn = _import_target(target)
+    try:
+        model = fn(**(kwargs or {}))
+    except Exception as e:
+        raise PdqError(f"model.target={target!r} with model.kwargs={dict(kwargs or {})} failed: {cause(e)}") from None
+    if not isinstance(model, nn.Module):
+        raise PdqError(f"model.target={target!r} returned {type(model).__name__}; accepted: a class or factory "
+                       f"that returns a torch.nn.Module")
+    if saved is not None:
+        state = saved.state_dict() if isinstance(saved, nn.Module) else saved
+        _load_into(model, state, f"model.checkpoint={checkpoint!r}")
+    return model.eval()
+
+
+def adapt_stem(model: nn.Module, in_channels: int) -> nn.Module:
+    """Replace the first Conv2d by one that takes `in_channels` input channels (freshly initialised)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Conv2d):
+            if mod.in_channels != in_channels:
+                if mod.groups != 1:
+                    raise PdqError(f"model.in_channels={in_channels}: the stem {name} is a grouped conv; "
+                                   f"accepted: models whose first conv is dense")
+                new = nn.Conv2d(in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
+                                mod.dilation, 1, mod.bias is not None, mod.padding_mode)
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, attr, new)
+            return model
+    raise PdqError(f"model.in_channels={in_channels}: {type(model).__name__} has no Conv2d stem to adapt")
 
 
 def release_checkpoint(name: str, checkpoint_dir: str | Path) -> Path:
@@ -123,32 +260,42 @@ def release_checkpoint(name: str, checkpoint_dir: str | Path) -> Path:
 
 
 def build_model(name: str, checkpoint: str | None = None, weights: str | None = None,
-                pretrained: bool = True, num_classes: int | None = None, ptq: dict | None = None,
+                pretrained: bool = True, num_classes: int | None = None, in_channels: int | None = None,
+                trust_checkpoint: bool = False, ptq: dict | None = None,
                 checkpoint_dir: str | None = None) -> nn.Module:
     """Build model `name` in eval mode. Embedded models load their bundled checkpoint unless
-    `checkpoint=` is given; torchvision models need `weights=` (enum name) or `checkpoint=`; the paper
+    `checkpoint=` is given; torchvision models need `weights=` (enum name) or `checkpoint=`, and take
+    `num_classes` / `in_channels` (head and stem adapted before the checkpoint is loaded); the paper
     models load `checkpoint=` or their release file from `checkpoint_dir=` (`checkpoint` wins).
     `ptq` holds the model's PTQ settings for the method configs; it does not change the model."""
     check_model_name(name)
     if checkpoint_dir is not None and checkpoint is None:
         checkpoint = str(release_checkpoint(name, checkpoint_dir))
+    for key, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise PdqError(f"model.{key}={value!r} is not accepted; accepted: a positive integer, or null")
     kwargs = {"num_classes": num_classes} if num_classes else {}
+    source = f"model.checkpoint={checkpoint!r}"
     if name in EMBEDDED or name in REGISTRY:
-        if weights:
-            raise PdqError(f"model.weights={weights!r} applies to torchvision models only; "
-                           f"{name} loads model.checkpoint=PATH")
+        if weights or in_channels:
+            key, value = ("weights", weights) if weights else ("in_channels", in_channels)
+            raise PdqError(f"model.{key}={value!r} applies to torchvision models only; {name} loads "
+                           f"model.checkpoint=PATH")
         model = (EMBEDDED.get(name) or REGISTRY[name])(**kwargs)
         if checkpoint is None and name in EMBEDDED and pretrained:
             path = CHECKPOINT_DIR / f"{name}.pt"
             _load_into(model, load_state_dict(path, verify_sha256=True), f"bundled checkpoint {path}")
         elif checkpoint is not None:
-            _load_into(model, load_state_dict(checkpoint), f"model.checkpoint={checkpoint!r}")
+            _load_into(model, load_state_dict(checkpoint, trust=trust_checkpoint), source)
         elif pretrained:
             raise PdqError(f"model={name} needs trained weights (none are bundled): set model.checkpoint=PATH")
         return model.eval()
     if weights and checkpoint:
         raise PdqError("set either model.weights or model.checkpoint, not both")
     if weights:
+        if kwargs or in_channels:
+            raise PdqError(f"model.weights={weights!r} holds the standard head and stem; model.num_classes / "
+                           f"model.in_channels need model.checkpoint=PATH of the adapted model instead")
         try:
             enum = torchvision.models.get_model_weights(name)
             w = enum[weights.split(".")[-1]]
@@ -156,7 +303,7 @@ def build_model(name: str, checkpoint: str | None = None, weights: str | None = 
             raise PdqError(f"model.weights={weights!r} is not a weights enum of {name}; accepted: "
                            f"{', '.join(enum.__members__)}") from None
         try:
-            model = torchvision.models.get_model(name, weights=w, **kwargs).eval()
+            model = torchvision.models.get_model(name, weights=w).eval()
         except Exception as e:
             raise PdqError(f"could not fetch torchvision weights {weights} for {name} ({type(e).__name__}); "
                            f"offline machines use model.checkpoint=PATH") from None
@@ -166,6 +313,8 @@ def build_model(name: str, checkpoint: str | None = None, weights: str | None = 
         raise PdqError(f"model={name} needs trained weights: model.weights=<enum, e.g. IMAGENET1K_V1> "
                        f"or model.checkpoint=PATH")
     model = torchvision.models.get_model(name, weights=None, **kwargs)
+    if in_channels:
+        adapt_stem(model, in_channels)
     if checkpoint is not None:
-        _load_into(model, load_state_dict(checkpoint), f"model.checkpoint={checkpoint!r}")
+        _load_into(model, load_state_dict(checkpoint, trust=trust_checkpoint), source)
     return model.eval()

@@ -27,10 +27,11 @@ def fp_twin(fp_gm: fx.GraphModule, gm: fx.GraphModule, unit: Unit) -> tuple[fx.G
     names = {n.name for n in unit.nodes}
     members = [n for n in fp_gm.graph.nodes if n.name in names]
     bns = []
-    for n in fp_gm.graph.nodes:  # BatchNorms whose input is inside the unit (folded away in gm)
+    for n in fp_gm.graph.nodes:  # BatchNorms whose input is inside the unit (folded away in gm, or not)
         if _is_bn(fp_gm, n) and isinstance(n.args[0], fx.Node) and n.args[0].name in names:
-            members.append(n)
-            names.add(n.name)
+            if n.name not in names:
+                members.append(n)
+                names.add(n.name)
             bns.append(fp_gm.get_submodule(n.target))
     members.sort(key=list(fp_gm.graph.nodes).index)
     source = unit.input

@@ -40,7 +40,7 @@ from pdq.recon.dc import check_chunk, correct, fp_twin
 from pdq.recon.module import Caches, UnitProgress, UnitReconstruction, loader
 from pdq.recon.phase import Phase
 from pdq.recon.subgraph import prefix, segment, suffix
-from pdq.recon.units import Unit, find_units
+from pdq.recon.units import Unit, enclosing, find_units
 
 log = logging.getLogger("pdq")
 STATE_FILE = "recon_state.pt"
@@ -137,7 +137,10 @@ class ReconstructionEngine:
         if phase.input_prob < 1:
             x_fp = x_fp_full
         logits = self.logits() if phase.uses_pd else None
-        return Caches(x_q, x_fp, y_fp, logits), dc_info
+        outer = enclosing(gm, unit) if phase.uses_pd else None
+        rest_input = None if outer is None else _run_batched(prefix(gm, outer.input), self.local, ctx.batch_size,
+                                                               ctx.device, ctx.cache_dtype)
+        return Caches(x_q, x_fp, y_fp, logits, rest_input), dc_info
 
     def reconstruct(self, p: int, i: int, n_units: int, unit: Unit, phase: Phase) -> dict:
         """Prepare, fit and finish one unit; returns its summary."""
@@ -194,7 +197,8 @@ class ReconstructionEngine:
         rank = ctx.dist.rank
         gen = torch.Generator().manual_seed(stream_seed(ctx.seed, p, i, 2 * rank))
         mask_gen = torch.Generator(device=ctx.device).manual_seed(stream_seed(ctx.seed, p, i, 2 * rank + 1))
-        rest = suffix(gm, unit.output) if phase.uses_pd else None
+        outer = enclosing(gm, unit) if phase.uses_pd else None
+        rest = suffix(gm, unit.output, outer and outer.input) if phase.uses_pd else None
         with (adaround(layers if phase.learn_rounding else []) as adarounds,
               learned_scales(acts if phase.learns_scales else []) as scales,
               dropping(acts, phase.drop_prob, mask_gen),

@@ -22,6 +22,8 @@ class Caches:
     x_fp: torch.Tensor | None           # unit input on the FP path (DC-corrected when DC is on)
     y_fp: torch.Tensor                  # FP unit output on that input (target)
     logits: torch.Tensor | None = None  # FP network logits on the calibration images (PD loss)
+    rest_input: torch.Tensor | None = None  # quantized-path input of the enclosing unit, when the unit's
+    #                                         output is inside a branch (the FP rest reads it too)
 
     def __len__(self) -> int:
         return len(self.y_fp)
@@ -112,7 +114,8 @@ class UnitReconstruction(L.LightningModule):
         if out is not None:
             terms["rec_loss"] = ph.rec_weight * reconstruction_loss(out, c.y_fp[idx].float(), ph.rec_p)
         if ph.uses_pd:
-            terms["pd_loss"] = ph.pd_weight * prediction_difference(self.suffix(out_q), c.logits[idx], ph.temperature)
+            rest = (out_q,) if c.rest_input is None else (out_q, c.rest_input[idx].float())
+            terms["pd_loss"] = ph.pd_weight * prediction_difference(self.suffix(*rest), c.logits[idx], ph.temperature)
         if len(self.adarounds):
             reg = self.regularizer((q.h() for q in self.adarounds), self.t + 1)  # steps count from 1
             ref = out if out is not None else out_q

@@ -3,7 +3,8 @@ whole model has) but not its code:
 
 * `prefix(gm, node)`: graph input -> value of `node` (e.g. a unit's input, for caching);
 * `segment(gm, unit)`: unit input -> unit output (one reconstruction step's forward);
-* `suffix(gm, node)`: value of `node` -> network output (the rest of the network, for PD-Quant).
+* `suffix(gm, node)`: value of `node` -> network output (the rest of the network, for PD-Quant); a
+  node inside a branch also takes its enclosing unit's input.
 Every piece keeps the original node names and meta."""
 
 from __future__ import annotations
@@ -40,16 +41,15 @@ def segment(gm: fx.GraphModule, unit: Unit) -> fx.GraphModule:
     return _build(gm, unit.nodes, [unit.input], unit.output, "Unit")
 
 
-def suffix(gm: fx.GraphModule, node: fx.Node) -> fx.GraphModule:
-    """Network output as a function of `node` alone; every path from the input must pass through it."""
-    nodes = list(gm.graph.nodes)
-    after = nodes[nodes.index(node) + 1:]
-    output = next(n for n in after if n.op == "output").args[0]
-    needed = ancestors(output) | {output}
-    body = [n for n in after if n in needed and n.op != "output"]
-    for n in body:
-        for a in n.all_input_nodes:
-            if a is not node and a not in body:
-                raise ValueError(f"the rest of the network after {node.name} also reads {a.name}: "
-                                 f"{node.name} is not a cut point of the graph")
-    return _build(gm, body, [node], output, "Suffix")
+def suffix(gm: fx.GraphModule, node: fx.Node, also: fx.Node | None = None) -> fx.GraphModule:
+    """Network output as a function of `node` (and of `also`: the input of the unit enclosing `node`, when
+    `node` lies inside a branch). Every path from the input must pass through them."""
+    output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    inputs = [node] if also is None else [node, also]
+    needed = set() if output in inputs else ancestors(output, lambda a: a not in inputs) | {output}
+    for n in needed:
+        if n.op == "placeholder":
+            raise ValueError(f"the rest of the network after {node.name} also reads the graph input: "
+                             f"{node.name} is not a cut point of the graph")
+    body = [n for n in gm.graph.nodes if n in needed]
+    return _build(gm, body, inputs, output, "Suffix")

@@ -1,34 +1,51 @@
-"""Cut a quantized graph into reconstruction units (spec §2.3-§2.4).
+"""Cut a quantized graph into reconstruction units (spec §2.3-§2.4), from the graph itself.
 
-* `pattern="block"`: every module whose type is in `BLOCK_TYPES` (torchvision's residual blocks, or
-  any class passed to `register_block`) is one unit. A residual `add` outside any registered block is
-  grouped with everything between the point where its branches fork and the add (the fallback for
-  CNNs the registry does not know). Every other conv/linear is a unit of its own.
-* `pattern="layer"`: every conv/linear alone (AdaRound).
-A layer's activation and output quantizer belong to the layer's unit; pooling, flatten and quantizers
-outside any unit stay as glue between units.
+`pattern="block"`:
+1. **Cut points.** A cut point is a node that every path from the input to the output passes through.
+   The nodes between two consecutive cut points form an *atom*: one entry, one exit, and every branch,
+   concat, split, channel shuffle and SE gate that starts inside it ends inside it.
+2. **Modules.** A submodule that is not a plain container (Sequential, ModuleList, ModuleDict), whose
+   nodes are exactly a run of whole atoms (its entry and exit are cut points) and that holds at least
+   two weight layers is a *candidate* (BRECQ's blocks: a `BasicBlock`, an `InvertedResidual`, an
+   Inception or Fire module). Walking the module tree from the top, a candidate is one unit unless it
+   holds two disjoint candidates (a stage of blocks: it is split into them), or more than
+   `MAX_UNIT_LAYERS` weight layers over more than one atom (split into its submodules too).
+3. **Atoms.** Every atom with a weight layer that no chosen module covers is a unit of its own: one
+   layer (a stem, a head, a layer of a plain chain), or a region of branches that no single module
+   holds (e.g. a residual add written in the model's top-level forward).
+4. **Activations.** The activations and activation quantizers right after a unit belong to it; the other
+   weight-free atoms (pooling, flatten, a BatchNorm after a concat) are glue between units.
+Every unit's input and output are then cut points, so the FP rest of the network (PD-Quant's term)
+is a function of the unit output alone. An indivisible atom (a dense block) may hold more than
+`MAX_UNIT_LAYERS` layers; the run warns about it. `register_block(cls)` is an optional hint: every
+instance of `cls` whose entry and exit are cut points is one unit.
+
+`pattern="layer"`: every conv/linear alone, with its activation and output quantizer (AdaRound).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import fx, nn
-from torchvision.models import efficientnet, mnasnet, mobilenetv2, mobilenetv3, regnet, resnet
 
 from pdq.errors import PdqError
-from pdq.quant.graph import is_act_quant, is_activation, is_add, is_quant_layer
+from pdq.quant.graph import is_act_quant, is_activation, is_quant_layer
 
-BLOCK_TYPES: list[type[nn.Module]] = [
-    resnet.BasicBlock, resnet.Bottleneck, mobilenetv2.InvertedResidual, mobilenetv3.InvertedResidual,
-    regnet.ResBottleneckBlock, mnasnet._InvertedResidual, efficientnet.MBConv, efficientnet.FusedMBConv,
-]
+log = logging.getLogger("pdq")
 PATTERNS = ("block", "layer")
+#: a module over several atoms with more weight layers than this is split into its submodules
+MAX_UNIT_LAYERS = 6
+#: module types that are one unit wherever their entry and exit are cut points (`register_block`)
+BLOCK_TYPES: list[type[nn.Module]] = []
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 def register_block(cls: type[nn.Module]) -> type[nn.Module]:
-    """Make every instance of `cls` one reconstruction unit (usable as a class decorator)."""
+    """Hint: make every instance of `cls` one reconstruction unit (usable as a class decorator). Units
+    are found without hints; a hint only overrides the size rules of the module walk."""
     if cls not in BLOCK_TYPES:
         BLOCK_TYPES.append(cls)
     return cls
@@ -37,10 +54,11 @@ def register_block(cls: type[nn.Module]) -> type[nn.Module]:
 @dataclass
 class Unit:
     name: str
-    kind: str                 # "block" or "layer"
+    kind: str                 # "block" (several weight layers) or "layer" (one)
     nodes: list[fx.Node]      # in graph order
     input: fx.Node            # the one value entering the unit
     output: fx.Node           # the one value leaving it
+    source: str = "layer"     # how it was found: module | registered | region | layer
 
     def layers(self, gm: fx.GraphModule) -> list[str]:
         return [n.target for n in self.nodes if is_quant_layer(gm, n)]
@@ -48,12 +66,10 @@ class Unit:
     def act_quants(self, gm: fx.GraphModule) -> list[str]:
         return [n.target for n in self.nodes if is_act_quant(gm, n)]
 
-
-def _registered_block(node: fx.Node) -> str | None:
-    for path, cls in (node.meta.get("nn_module_stack") or {}).values():
-        if isinstance(cls, type) and issubclass(cls, tuple(BLOCK_TYPES)):
-            return path  # outermost registered block
-    return None
+    def row(self, gm: fx.GraphModule) -> dict:
+        """One line of the unit table (logged at the start of a run, kept in results.json)."""
+        return {"name": self.name, "kind": self.kind, "source": self.source, "layers": self.layers(gm),
+                "act_quants": self.act_quants(gm)}
 
 
 def ancestors(node: fx.Node, within: Callable[[fx.Node], bool] = lambda n: True) -> set[fx.Node]:
@@ -67,53 +83,201 @@ def ancestors(node: fx.Node, within: Callable[[fx.Node], bool] = lambda n: True)
     return seen
 
 
-def _residual_region(add: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Node, set[fx.Node]]:
-    """The fork point of `add`'s branches, and the nodes strictly between it and the add."""
-    a, b = add.all_input_nodes[:2]
-    anc_a, anc_b = ancestors(a) | {a}, ancestors(b) | {b}
-    fork = max(anc_a & anc_b, key=order.__getitem__)
-    return fork, ancestors(add, lambda n: order[n] > order[fork]) | {add}
+def descendants(node: fx.Node) -> set[fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        for u in todo.pop().users:
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
 
 
-def find_units(gm: fx.GraphModule, pattern: str = "block") -> list[Unit]:
-    if pattern not in PATTERNS:
-        raise PdqError(f"pattern={pattern!r} is unknown; accepted: {', '.join(PATTERNS)}")
-    nodes = list(gm.graph.nodes)
-    order = {n: i for i, n in enumerate(nodes)}
-    key: dict[fx.Node, str] = {}
-    kind: dict[str, str] = {}
-    if pattern == "block":
-        for n in nodes:
-            block = _registered_block(n)
-            if block is not None:
-                key[n], kind[block] = block, "block"
-        for n in nodes:  # fallback: residual structures the registry does not know
-            if is_add(n) and n not in key:
-                fork, region = _residual_region(n, order)
-                names = {key[m] for m in region if m in key}
-                layers = sorted(m.target for m in region if is_quant_layer(gm, m))
-                name = min(names) if names else _common_prefix(layers) or f"block@{n.name}"
-                for m in list(key):
-                    if key[m] in names:
-                        key[m] = name
-                for m in region:
-                    key[m] = name
-                kind[name] = "block"
+def _endpoints(gm: fx.GraphModule) -> tuple[fx.Node, fx.Node]:
+    """The graph's one input and its one output value."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    if len(inputs) != 1 or not isinstance(output, fx.Node):
+        raise PdqError(f"the model has {len(inputs)} inputs and returns {type(output).__name__}; pdq quantizes "
+                       f"models with one input tensor and one output tensor")
+    return inputs[0], output
+
+
+def data_path(gm: fx.GraphModule) -> list[fx.Node]:
+    """The nodes on some path from the input to the output (input and output value included), in graph
+    order; parameters, constants and dead code are not on it."""
+    source, sink = _endpoints(gm)
+    on = (descendants(source) | {source}) & (ancestors(sink) | {sink})
+    return [n for n in gm.graph.nodes if n in on]
+
+
+def cut_points(path: list[fx.Node]) -> list[fx.Node]:
+    """The nodes of `path` (a topological order of the input-to-output nodes) that every input-to-output
+    path passes through: those that no edge jumps over."""
+    pos = {n: i for i, n in enumerate(path)}
+    cuts, reach = [], 0
+    for i, n in enumerate(path):
+        if reach <= i:
+            cuts.append(n)
+        reach = max([reach, *(pos[u] for u in n.users if u in pos)])
+    return cuts
+
+
+def _atoms(path: list[fx.Node]) -> list[list[fx.Node]]:
+    """The runs of nodes after each cut point up to the next one."""
+    cuts = set(cut_points(path))
+    atoms, current = [], []
+    for n in path[1:]:
+        current.append(n)
+        if n in cuts:
+            atoms.append(current)
+            current = []
+    return atoms
+
+
+def _stack(node: fx.Node) -> list[tuple[str, object]]:
+    """The (path, type) of the modules `node` was traced in, outermost first; an inserted activation
+    quantizer belongs where its input does."""
+    while "nn_module_stack" not in node.meta and node.op == "call_module" and node.args:
+        node = node.args[0]
+    return [v if isinstance(v, tuple) else (str(v), None) for v in (node.meta.get("nn_module_stack") or {}).values()]
+
+
+class _Partition:
+    """The block-pattern units of one graph (module docstring, steps 1-4)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.path = data_path(gm)
+        self.on_path = set(self.path)
+        self.atoms = _atoms(self.path)
+        self.atom_of = {n: k for k, atom in enumerate(self.atoms) for n in atom}
+        self.layers = [sum(is_quant_layer(gm, n) for n in atom) for atom in self.atoms]
+        self.members: dict[str, set[fx.Node]] = {}
+        self.children: dict[str, list[str]] = {"": []}
+        self.types: dict[str, object] = {}
+        for n in self.path[1:]:
+            parent = ""
+            for module, cls in _stack(n):
+                self.members.setdefault(module, set()).add(n)
+                if module not in self.children:
+                    self.children[module] = []
+                    self.children[parent].append(module)
+                    self.types[module] = cls
+                parent = module
+
+    def span(self, module: str) -> list[int] | None:
+        """The atoms of `module` when its nodes are exactly whole, consecutive atoms; else None."""
+        ks = sorted({self.atom_of[n] for n in self.members[module]})
+        whole = all(n in self.members[module] for k in ks for n in self.atoms[k])
+        return ks if whole and ks == list(range(ks[0], ks[-1] + 1)) else None
+
+    def n_layers(self, ks: list[int]) -> int:
+        return sum(self.layers[k] for k in ks)
+
+    def registered(self, module: str) -> bool:
+        cls = self.types.get(module)
+        return isinstance(cls, type) and issubclass(cls, tuple(BLOCK_TYPES))
+
+    def container(self, module: str) -> bool:
+        cls = self.types.get(module)
+        return isinstance(cls, type) and issubclass(cls, CONTAINERS)
+
+    def candidate(self, module: str) -> bool:
+        ks = self.span(module)
+        return ks is not None and self.n_layers(ks) >= 2 and not self.container(module)
+
+    def splits(self, module: str) -> bool:
+        """A candidate is split when it spans several atoms with too many layers, or when it holds two
+        disjoint candidate submodules (a stage of blocks; an SE gate inside a block is one, not two)."""
+        ks = self.span(module)
+        if len(ks) > 1 and self.n_layers(ks) > MAX_UNIT_LAYERS:
+            return True
+        return len(self.outermost_candidates(module, ks)) > 1
+
+    def outermost_candidates(self, module: str, ks: list[int]) -> list[str]:
+        found = []
+        for child in self.children[module]:
+            span = self.span(child)
+            if self.candidate(child) and span != ks:
+                found.append(child)
+            else:
+                found += self.outermost_candidates(child, ks)
+        return found
+
+    def named(self, module: str) -> str:
+        """A module is named by the innermost non-container module of the same span (a stage of one block
+        by the block, a block by itself rather than by its `conv` Sequential)."""
+        chain = [module]
+        while True:
+            same = [c for c in self.children[chain[-1]] if self.span(c) == self.span(module)]
+            if len(same) != 1:
+                break
+            chain.append(same[0])
+        return [m for m in chain if not self.container(m)][-1]
+
+    def chosen_modules(self, module: str = "") -> list[tuple[str, str]]:
+        """(module, source) of the modules that are units, walking the tree from `module`."""
+        found = []
+        for child in self.children[module]:
+            if self.registered(child) and self.span(child) is not None and self.n_layers(self.span(child)):
+                found.append((child, "registered"))
+            elif self.candidate(child) and not self.splits(child):
+                found.append((self.named(child), "module"))
+            else:
+                found += self.chosen_modules(child)
+        return found
+
+    def units(self) -> list[Unit]:
+        owner: dict[int, tuple[str, str]] = {}
+        for module, source in self.chosen_modules():
+            for k in self.span(module):
+                owner.setdefault(k, (module, source))
+        groups: list[tuple[str, str, list[int]]] = []
+        for k, atom in enumerate(self.atoms):
+            if k in owner:
+                name, source = owner[k]
+                if groups and groups[-1][0] == name and groups[-1][1] == source:
+                    groups[-1][2].append(k)
+                    continue
+                groups.append((name, source, [k]))
+            elif self.layers[k]:
+                layers = [n.target for n in atom if is_quant_layer(self.gm, n)]
+                single = len(atom) == 1
+                groups.append((layers[0] if single else _common_prefix(layers) or f"region@{atom[-1].name}",
+                               "layer" if single else "region", [k]))
+            elif groups and groups[-1][2][-1] == k - 1 and self._is_trailing(atom):
+                groups[-1][2].append(k)  # an activation / activation quantizer right after a unit
+        taken: set[str] = set()
+        return [self.make(_unique(name, taken), source, ks) for name, source, ks in groups]
+
+    def _is_trailing(self, atom: list[fx.Node]) -> bool:
+        return len(atom) == 1 and (is_activation(self.gm, atom[0]) or is_act_quant(self.gm, atom[0]))
+
+    def make(self, name: str, source: str, ks: list[int]) -> Unit:
+        nodes = [n for k in ks for n in self.atoms[k]]
+        entry = self.path[0] if ks[0] == 0 else self.atoms[ks[0] - 1][-1]
+        kind = "block" if self.n_layers(ks) > 1 else "layer"
+        return Unit(name, kind, _with_constants(nodes, self.on_path), entry, nodes[-1], source)
+
+
+def _with_constants(nodes: list[fx.Node], on_path: set[fx.Node]) -> list[fx.Node]:
+    """`nodes` and the nodes off the data path that they read (parameters, constants), in graph order."""
+    inside = set(nodes)
     for n in nodes:
-        if n not in key and is_quant_layer(gm, n):
-            key[n], kind[n.target] = n.target, "layer"
-        elif n not in key and (is_activation(gm, n) or is_act_quant(gm, n)) and n.args and n.args[0] in key:
-            key[n] = key[n.args[0]]
-    groups: dict[str, list[fx.Node]] = {}
-    for n in nodes:
-        if n in key:
-            groups.setdefault(key[n], []).append(n)
-    return [_make_unit(name, kind[name], members) for name, members in groups.items()]
+        inside |= ancestors(n, lambda a: a not in on_path)
+    return [n for n in nodes[0].graph.nodes if n in inside]
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, i = name, 1
+    while candidate in taken:
+        candidate, i = f"{name}_{i}", i + 1
+    taken.add(candidate)
+    return candidate
 
 
 def _common_prefix(names: list[str]) -> str:
-    if not names:
-        return ""
     parts = [n.split(".") for n in names]
     prefix = []
     for level in zip(*parts):
@@ -123,11 +287,46 @@ def _common_prefix(names: list[str]) -> str:
     return ".".join(prefix[:-1] if len(prefix) == len(parts[0]) else prefix)
 
 
-def _make_unit(name: str, kind: str, members: list[fx.Node]) -> Unit:
-    inside = set(members)
-    inputs = {a for n in members for a in n.all_input_nodes if a not in inside}
-    outputs = [n for n in members if any(u not in inside for u in n.users)]
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise PdqError(f"unit {name!r} has {len(inputs)} inputs and {len(outputs)} outputs; a reconstruction "
-                       f"unit needs exactly one of each (register its enclosing block with register_block)")
-    return Unit(name, kind, members, inputs.pop(), outputs[0])
+def _layer_units(gm: fx.GraphModule) -> list[Unit]:
+    on_path, units = set(data_path(gm)), []
+    for n in gm.graph.nodes:
+        if is_quant_layer(gm, n):
+            nodes, point = [n], n
+            while len(point.users) == 1:
+                (user,) = point.users
+                if not (is_activation(gm, user) or is_act_quant(gm, user)):
+                    break
+                nodes.append(user)
+                point = user
+            units.append(Unit(n.target, "layer", _with_constants(nodes, on_path), n.args[0], nodes[-1], "layer"))
+    return units
+
+
+def find_units(gm: fx.GraphModule, pattern: str = "block") -> list[Unit]:
+    if pattern not in PATTERNS:
+        raise PdqError(f"pattern={pattern!r} is unknown; accepted: {', '.join(PATTERNS)}")
+    return _layer_units(gm) if pattern == "layer" else _Partition(gm).units()
+
+
+def enclosing(gm: fx.GraphModule, unit: Unit) -> Unit | None:
+    """The block-pattern unit that holds `unit`'s output when that output is no cut point (a layer inside
+    a branch), else None: the FP rest of the network then also reads that unit's input."""
+    if unit.output in set(cut_points(data_path(gm))):
+        return None
+    return next(u for u in find_units(gm, "block") if unit.output in u.nodes)
+
+
+def warn_about(gm: fx.GraphModule, units: list[Unit], pattern: str) -> list[str]:
+    """The warnings a unit table earns: units larger than `MAX_UNIT_LAYERS` weight layers, and a block
+    pattern that found no block for most of the model's layers."""
+    warnings = [f"unit {u.name} holds {len(u.layers(gm))} weight layers (more than {MAX_UNIT_LAYERS}): it has "
+                f"no cut point inside, so it is reconstructed as one unit" for u in units
+                if len(u.layers(gm)) > MAX_UNIT_LAYERS]
+    if pattern == "block":
+        single = sum(len(u.layers(gm)) for u in units if u.kind == "layer")
+        total = sum(len(u.layers(gm)) for u in units)
+        if single * 2 > total:
+            warnings.append(f"{single} of {total} weight layers are single-layer units: the graph has no "
+                            f"multi-layer module between cut points for them (a plain chain?); "
+                            f"pdq.recon.register_block(cls) groups a module type")
+    return warnings

@@ -37,6 +37,15 @@ def read_results(job: Path) -> dict | None:
     return r | {"_dir": str(job), "components": r.get("components") or old_components(r)}
 
 
+def unevaluated(job: Path) -> bool:
+    """A finished run without an evaluation set (data=folder without eval_root): no top-1 to tabulate."""
+    try:
+        r = json.loads((job / "results.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(r, dict) and "quant_top1" in r and r["quant_top1"] is None
+
+
 def collect(dirs: list[str | Path]) -> tuple[list[dict], list[Path]]:
     """(results, missing): every readable results.json below `dirs` (see `read_results`), and the job dirs
     (holding `.hydra/` or `results.json`) that have none or an unreadable one. Each job counted once."""
@@ -56,7 +65,7 @@ def collect(dirs: list[str | Path]) -> tuple[list[dict], list[Path]]:
 
 def missing_note(job: Path) -> str:
     if (job / "results.json").exists():
-        return "results.json unreadable"
+        return "finished without an evaluation set: no top-1" if unevaluated(job) else "results.json unreadable"
     files = [p for p in job.rglob("*") if p.is_file()]
     if not files:
         return "no results.json, empty"

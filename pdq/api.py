@@ -1,0 +1,187 @@
+"""`pdq.quantize`: the run of `run.py` on a model and images given as Python objects.
+
+    import pdq
+    qmodel, results = pdq.quantize(model, images, method="pdquant", bits="w4a4", iters=200)
+
+The config is composed from the same `conf/` as `run.py` (`method=`, `quant=` and any other group by
+name, e.g. `trainer="gpu"`, `logger="wandb"`), with the overrides applied by the config's own names."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from pdq.data.calib import draw_indices
+from pdq.errors import PdqError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+#: config groups an override may select by name (`trainer="gpu"`)
+GROUPS = ("trainer", "logger")
+#: where a plain override name is looked up, in order (`iters` -> method.iters, `size` -> calib.size)
+SEARCH = ("", "method.", "calib.", "quant.", "model.ptq.")
+log = logging.getLogger("pdq")
+
+
+class TensorDataModule:
+    """Calibration images held in memory (and an optional evaluation loader of (image, label) batches)."""
+
+    name = "tensor"
+
+    def __init__(self, images: torch.Tensor, eval_loader: DataLoader | None = None):
+        self.images, self.eval_loader = images, eval_loader
+
+    @property
+    def train_size(self) -> int:
+        return len(self.images)
+
+    def prepare_data(self) -> None:
+        pass
+
+    def setup(self, stage: str | None = None) -> None:
+        pass
+
+    def calibration_set(self, size: int, seed: int) -> torch.Tensor:
+        return self.images[draw_indices(len(self.images), size, seed)]
+
+    def test_dataloader(self) -> DataLoader | None:
+        return self.eval_loader
+
+
+def as_images(calib) -> torch.Tensor:
+    """A [N, C, H, W] float tensor from a tensor, a Dataset or a DataLoader (of images or (image, label) pairs)."""
+    if isinstance(calib, DataLoader):
+        images = torch.cat([batch[0] if isinstance(batch, (tuple, list)) else batch for batch in calib])
+    elif isinstance(calib, Dataset):
+        images = torch.stack([item[0] if isinstance(item, (tuple, list)) else item
+                              for item in (calib[i] for i in range(len(calib)))])
+    else:
+        images = calib
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point() or not len(images):
+        what = f"a {images.dtype} tensor of shape {list(images.shape)}" if isinstance(images, torch.Tensor) \
+            else type(images).__name__
+        raise PdqError(f"calib is {what}; accepted: float images [N, C, H, W] (N >= 1) as a tensor, a Dataset or a "
+                       f"DataLoader (of images or (image, label) pairs)")
+    if not torch.isfinite(images).all():
+        raise PdqError("calib holds NaN or inf values; accepted: finite images")
+    return images.float()
+
+
+def _has(cfg: DictConfig, key: str) -> bool:
+    """Whether the dotted `key` exists in `cfg` (without resolving any interpolation)."""
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False
+        node = node._get_node(part)
+    return True
+
+
+def resolve_key(cfg: DictConfig, key: str) -> str:
+    """The config key an override names: a dotted key as it is; a plain name looked up in `SEARCH` order,
+    then as `<group>_<key>` (calib_size -> calib.size)."""
+    head, _, rest = key.partition("_")
+    candidates = [key] if "." in key else [*(p + key for p in SEARCH), *([f"{head}.{rest}"] if rest else [])]
+    for candidate in candidates:
+        if _has(cfg, candidate):
+            return candidate
+    raise PdqError(f"quantize(..., {key}=...): {key!r} is no setting of the composed config; accepted: a dotted "
+                   f"key (method.drop_prob, calib.batch_size, ...), a name found under {', '.join(SEARCH[1:])} "
+                   f"(iters, drop_prob, ...), <group>_<key> (calib_size), or a config group ({', '.join(GROUPS)})")
+
+
+def compose(method: str, bits: str, overrides: dict) -> tuple[DictConfig, set[str]]:
+    """The composed config of `run.py` for `method` and `bits` with `overrides`, and the keys they set."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    if not CONF_DIR.is_dir():
+        raise PdqError(f"pdq.quantize composes pdq's conf/ folder, which is not at {CONF_DIR}; accepted: pdq "
+                       f"installed from its checkout (pip install -e .)")
+    groups = [f"{key}={overrides[key]}" for key in GROUPS if key in overrides]
+    hydra = GlobalHydra.instance()
+    was = hydra.is_initialized()
+    if was:
+        raise PdqError("pdq.quantize composes its own config and cannot run inside a Hydra app; accepted: "
+                       "pdq.pipeline.run(cfg) from a Hydra main")
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose("config", overrides=[f"method={method}", f"quant={bits}", "model=custom", *groups])
+    except HydraException as e:
+        raise PdqError(f"quantize(method={method!r}, bits={bits!r}, ...): {str(e).splitlines()[0]}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    keys = set()
+    for key, value in overrides.items():
+        if key in GROUPS:
+            continue
+        path = resolve_key(cfg, key)
+        OmegaConf.update(cfg, path, value, merge=False)
+        keys.add(path)
+    return cfg, keys
+
+
+@contextlib.contextmanager
+def _console_logging() -> Iterator[None]:
+    """pdq's INFO lines on stderr for the call, when the application has not configured logging itself."""
+    if log.handlers or logging.getLogger().handlers:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+def quantize(model: nn.Module, calib, *, method: str = "pdquant", bits: str = "w4a4", out_dir: str | Path | None = None,
+             eval_data: DataLoader | None = None, **overrides) -> tuple[nn.Module, dict]:
+    """Quantize `model` with `method` at `bits` (a `conf/quant` name: w4a4, w2a4, ...) from the calibration
+    images `calib` (a [N, C, H, W] tensor, a Dataset or a DataLoader): the same engine, defaults, progress
+    and logging as `run.py`. `overrides` use the config's names: `iters=200`, `calib_size=512`, `seed=0`,
+    `method.drop_prob=0.5`, `trainer="gpu"`; an unknown name is an error. By default every given image is
+    calibration data (calib.size = N, and batch / activation-init sizes at most N). `eval_data`, a loader
+    of (image, label) batches, adds FP and quantized top-1. The files of a run (results.json,
+    quantized_model.pt, the CSV log) go to `out_dir`, or to a temporary dir removed afterwards.
+    Returns (the quantized torch.fx.GraphModule, the results dict of results.json)."""
+    from pdq.distributed import world_size_of
+    from pdq.pipeline import execute
+
+    if not isinstance(model, nn.Module):
+        raise PdqError(f"model is {type(model).__name__}; accepted: a torch.nn.Module")
+    images = as_images(calib)
+    cfg, keys = compose(method, bits, {k.replace("__", "."): v for k, v in overrides.items()})
+    if world_size_of(cfg.trainer) > 1:
+        raise PdqError("pdq.quantize runs in this one process; accepted: trainer.devices=1 (multi-GPU and "
+                       "multi-node runs go through run.py trainer=ddp)")
+    n = len(images)
+    with open_dict(cfg):
+        cfg.model.name = type(model).__name__
+        cfg.data = {"name": TensorDataModule.name, "images": n, "image_shape": list(images.shape[1:])}
+        cfg.paths.cache_dir = None
+        if "calib.size" not in keys:
+            cfg.calib.size = n
+        for key in ("batch_size", "act_init_size"):
+            if f"calib.{key}" not in keys:
+                cfg.calib[key] = min(cfg.calib[key], cfg.calib.size)
+    with contextlib.ExitStack() as stack:
+        run_dir = out_dir if out_dir is not None else stack.enter_context(tempfile.TemporaryDirectory(prefix="pdq-"))
+        cfg.paths.output_dir = str(Path(run_dir).expanduser())
+        stack.enter_context(_console_logging())
+        results, qmodel = execute(cfg, model=model, datamodule=TensorDataModule(images, eval_data))
+    return qmodel, results
