@@ -58,8 +58,11 @@ QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 #: the config groups whose numbers must be finite (the other groups check their own values)
 CHECKED_GROUPS = ("calib", "data", "trainer")
 SEED_MAX = 2 ** 32 - 1
-MISSING_HINTS = {"data.root": "data=imagenet and data=folder need data.root=PATH; accepted: a folder holding train/ "
-                              "and val/ class folders (imagenet), a folder of calibration images (folder)"}
+#: what a data module's missing `data.root` must hold
+ROOT_HINTS = {"pdq.data.ImageNetDataModule": "data=imagenet needs data.root=PATH; accepted: a folder holding train/ "
+                                             "and val/ class folders",
+              "pdq.data.FolderDataModule": "data=folder needs data.root=PATH; accepted: a folder of calibration "
+                                           "images (at any depth)"}
 
 
 @contextlib.contextmanager
@@ -118,8 +121,9 @@ def validate(cfg: DictConfig, check_model: bool = True) -> BitLayout:
     missing = _missing_keys(cfg)
     if missing:
         key = missing[0]
+        hint = ROOT_HINTS.get(cfg.data.get("_target_")) if key == "data.root" else None
         raise PdqError(f"{key} is not set and has no default; "
-                       + MISSING_HINTS.get(key, f"accepted: {key}=<value> on the command line"))
+                       + (hint or f"accepted: {key}=<value> on the command line"))
     check_numbers_finite(cfg)
     if check_model:
         check_model_config(cfg.model)

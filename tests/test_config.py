@@ -30,7 +30,12 @@ def test_default_config(make_cfg):
 def test_model_configs(make_cfg, name):
     overrides = [f"model={name}"] + (["model.name=resnet18"] if name == "torchvision" else [])
     cfg = make_cfg(*overrides)
-    if name.endswith("_fmnist"):
+    if name == "custom":  # a user's class or factory by its dotted path
+        with pytest.raises(PdqError, match="model=custom needs model.target="):
+            instantiate(cfg.model)
+        cfg = make_cfg(*overrides, "model.target=torchvision.models.resnet18", "model.kwargs={num_classes: 10}")
+        assert instantiate(cfg.model).fc.out_features == 10
+    elif name.endswith("_fmnist"):
         assert isinstance(instantiate(cfg.model), nn.Module)
     else:  # torchvision models refuse to quantize random weights
         with pytest.raises(PdqError, match="needs trained weights"):

@@ -174,6 +174,6 @@ PTQ = {  # spec §5.4 / PD-Quant run_script.py: round-loss weight, temperature, 
 @pytest.mark.parametrize("name", NAMES)
 def test_model_configs_carry_the_official_ptq_settings(make_cfg, name):
     cfg = make_cfg(f"model={name}").model
-    assert cfg.name == name and cfg.checkpoint is None and cfg.checkpoint_dir is None and cfg.weights is None
+    assert cfg.name == name and cfg.checkpoint is None and cfg.checkpoint_dir is None and "weights" not in cfg
     assert (cfg.ptq.round_weight, cfg.ptq.temperature, cfg.ptq.lambda_c) == PTQ[name]
     assert cfg.ptq.iters == 20000 and cfg.ptq.dc_steps == 500

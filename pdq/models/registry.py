@@ -178,10 +178,11 @@ def mismatch(model: nn.Module, state: dict[str, torch.Tensor], shown: int = 5) -
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
     check_finite(state, source)
-    problems = mismatch(model, state)
-    if problems:
-        raise PdqError(f"{source} does not fit {type(model).__name__}: {problems}")
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)  # a model may adapt itself first (BRECQ's deep stem)
+    except RuntimeError as e:
+        problems = mismatch(model, state) or str(e).splitlines()[0][:300]
+        raise PdqError(f"{source} does not fit {type(model).__name__}: {problems}") from None
     return model
 
 
