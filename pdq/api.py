@@ -109,9 +109,7 @@ def compose(method: str, bits: str, overrides: dict) -> tuple[DictConfig, set[st
         raise PdqError(f"pdq.quantize composes pdq's conf/ folder, which is not at {CONF_DIR}; accepted: pdq "
                        f"installed from its checkout (pip install -e .)")
     groups = [f"{key}={overrides[key]}" for key in GROUPS if key in overrides]
-    hydra = GlobalHydra.instance()
-    was = hydra.is_initialized()
-    if was:
+    if GlobalHydra.instance().is_initialized():
         raise PdqError("pdq.quantize composes its own config and cannot run inside a Hydra app; accepted: "
                        "pdq.pipeline.run(cfg) from a Hydra main")
     try:
