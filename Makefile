@@ -4,7 +4,7 @@ PYTHON ?= python3
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 export WANDB_MODE ?= offline
 
-.PHONY: run test deps data lint
+.PHONY: run test deps data lint gpu-carry
 
 run: deps data
 	$(PYTHON) run.py $(ARGS)
@@ -31,3 +31,9 @@ data:
 
 lint: deps
 	$(PYTHON) -m ruff check .
+
+# what benchmarks/gpu_check.sh needs on a GPU machine without a package index: the wheels of the config
+# packages and the Fashion-MNIST files, in outputs/gpu (git-ignored; carry it with the working tree)
+gpu-carry: data
+	$(PYTHON) -m pip wheel -q --no-deps -w outputs/gpu/wheels hydra-core==1.3.* omegaconf==2.3.* antlr4-python3-runtime==4.9.3
+	mkdir -p outputs/gpu/fashion-mnist && cp $(FMNIST_DIR)/*.gz outputs/gpu/fashion-mnist/

@@ -20,6 +20,7 @@ class RunContext:
     batch_size: int                   # calib.batch_size: reconstruction and caching batch
     act_init_size: int                # calib.act_init_size: images that initialise activation quantizers
     cache_dtype: torch.dtype          # calib.cache_dtype
+    channels_last: bool = False       # calib.channels_last: reconstruct image models in channels-last layout
     trainer: Callable[..., L.Trainer] | None = None   # partial Trainer (conf/trainer)
     logger: object | None = None      # Lightning logger shared by every unit's fit
     out_dir: Path | None = None       # where the per-unit state is saved
@@ -29,6 +30,7 @@ class RunContext:
     fingerprint: dict | None = None   # what a resumed run must share with the saved one
     fp_model: torch.nn.Module | None = None  # the unfolded float model (Distribution Correction)
     dist: Dist = SINGLE               # this process's rank in a DDP run (batch_size is the global batch)
+    cache_dir: Path | None = None     # paths.cache_dir: results that depend only on the float model and data (DC)
 
 
 def stream_seed(seed: int, *keys: int) -> int:

@@ -30,7 +30,7 @@ import torchvision
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import pdq
-from pdq.checks import check_int, flatten
+from pdq.checks import check_bool, check_int, flatten
 from pdq.config import resolvers
 from pdq.context import RunContext
 from pdq.distributed import SINGLE, Dist, session, state_sha256, world_size_of
@@ -133,6 +133,7 @@ def validate(cfg: DictConfig, check_model: bool = True) -> BitLayout:
     if cfg.calib.cache_dtype not in ("float32", "float16", "bfloat16"):
         raise PdqError(f"calib.cache_dtype={cfg.calib.cache_dtype!r} is not accepted; accepted: float32, float16, "
                        f"bfloat16")
+    check_bool("calib.channels_last", cfg.calib.channels_last)
     for key in ("size", "batch_size", "act_init_size"):
         value = cfg.calib[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -361,9 +362,10 @@ def quantize_and_evaluate(cfg, layout, table, datamodule, model, qmodel, method,
     calib = datamodule.calibration_set(cfg.calib.size, cfg.seed)
     ctx = RunContext(device=device, seed=cfg.seed, batch_size=cfg.calib.batch_size,
                      act_init_size=cfg.calib.act_init_size, cache_dtype=getattr(torch, cfg.calib.cache_dtype),
+                     channels_last=cfg.calib.channels_last,
                      trainer=instantiate(cfg.trainer), logger=logger, out_dir=out_dir, resume_state=resume_state,
                      reconstruct_stem=layout.reconstruct_stem, fingerprint=fingerprint(cfg), fp_model=model,
-                     dist=dist)
+                     dist=dist, cache_dir=cfg.paths.get("cache_dir"))
     unit_table = method.unit_table(qmodel)
     log_unit_table(unit_table)
     t_q = time.time()

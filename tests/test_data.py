@@ -103,3 +103,16 @@ def test_imagenet_missing_split(tmp_path):
         ImageNetDataModule(root=str(tmp_path)).prepare_data()
     with pytest.raises(PdqError, match="needs data.root"):
         ImageNetDataModule(root=None).prepare_data()
+
+
+def test_synthetic_images_are_seeded_and_checked():
+    from pdq.errors import PdqError, instantiate
+    from tests.conftest import compose_config
+
+    data = instantiate(compose_config("data=synthetic", "data.size=12", "data.image_size=8").data)
+    data.setup()
+    a, b, c = data.calibration_set(5, 1), data.calibration_set(5, 1), data.calibration_set(5, 2)
+    assert a.shape == (5, 3, 8, 8) and torch.equal(a, b) and not torch.equal(a, c)
+    assert data.train_size == 12 and data.test_dataloader() is None
+    with pytest.raises(PdqError, match="data.image_size=0"):
+        instantiate(compose_config("data=synthetic", "data.image_size=0").data)

@@ -172,11 +172,13 @@ def test_fp_path_ignores_rounding_written_into_finished_units():
                                   LpObserver())
     units = find_units(gm, "block")
     phase = make_phase("qdrop", input_prob=0.5, pd_weight=1.0)
-    before, _ = engine.caches(units[3], phase)
+    engine.begin_phase()
+    before, _ = engine.caches(units[3], phase, None)
     with torch.no_grad():
         for name in units[1].layers(gm):  # a finished unit: its weights now hold something else
             gm.get_submodule(name).weight.mul_(-2.0)
-    after, _ = engine.caches(units[3], phase)
+    engine.begin_phase()  # the inputs cached so far are from before the change
+    after, _ = engine.caches(units[3], phase, None)
     assert torch.equal(before.x_fp, after.x_fp) and torch.equal(before.y_fp, after.y_fp)
     assert torch.equal(before.logits, after.logits)
     assert not torch.allclose(before.x_q, after.x_q)  # the quantized path does see the finished unit

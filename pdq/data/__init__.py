@@ -1,5 +1,6 @@
 from pdq.data.fashion_mnist import FashionMNISTDataModule, read_idx
 from pdq.data.folder import FolderDataModule
 from pdq.data.imagenet import ImageNetDataModule
+from pdq.data.synthetic import SyntheticDataModule
 
-__all__ = ["FashionMNISTDataModule", "FolderDataModule", "ImageNetDataModule", "read_idx"]
+__all__ = ["FashionMNISTDataModule", "FolderDataModule", "ImageNetDataModule", "SyntheticDataModule", "read_idx"]

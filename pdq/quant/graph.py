@@ -84,8 +84,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 def quantize_model(model: nn.Module, bits: int = 8) -> fx.GraphModule:
     """A BN-folded, fake-quantized copy of `model` (the float model is left untouched). All quantizers
-    start at `bits` and uncalibrated; `pdq.quant.layout.apply_layout` sets the real bit widths."""
-    gm = trace(copy.deepcopy(model).eval())
+    start at `bits` and uncalibrated; `pdq.quant.layout.apply_layout` sets the real bit widths. The copy's
+    parameters need no gradient: what reconstruction learns are parameters of its own (AdaRound, LSQ)."""
+    gm = trace(copy.deepcopy(model).eval().requires_grad_(False))
     fold_bn(gm)
     for node in gm.graph.nodes:
         mod = _module(gm, node)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pdq.quant.functional import broadcast_to_channel, fake_quantize
+from pdq.quant.functional import bernoulli_mask, broadcast_to_channel, fake_quantize_fused
 from pdq.quant.observers import Observer
 
 FP_BITS = 32
@@ -45,13 +45,15 @@ class FakeQuantizer(nn.Module):
         if self.bits < FP_BITS:
             self.set_qparams(*observer(x, self.bits, self.ch_axis))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Fake-quantized x (in float32, also under autocast); with `keep`, only where it is True."""
         if not self.active:
             return x
         if not bool(self.initialized):
             raise RuntimeError(f"{self!r} is used before calibration")
-        return fake_quantize(x, broadcast_to_channel(self.scale, x, self.ch_axis),
-                             broadcast_to_channel(self.zero_point, x, self.ch_axis), self.bits)
+        x = x.float()
+        return fake_quantize_fused(x, broadcast_to_channel(self.scale, x, self.ch_axis),
+                                   broadcast_to_channel(self.zero_point, x, self.ch_axis), self.bits, keep)
 
     def extra_repr(self) -> str:
         axis = "per-tensor" if self.ch_axis is None else f"per-channel(axis={self.ch_axis})"
@@ -73,8 +75,8 @@ class ActQuantizer(FakeQuantizer):
       before it), then quantizes.
     * `learn_scale()` turns the scale into a trainable parameter (LSQ-style, no gradient scaling;
       the zero point stays fixed); `freeze_scale()` turns it back into a buffer.
-    * QDrop: with `drop_prob < 1`, each element is quantized with probability `drop_prob` and left in
-      full precision otherwise, drawn from `generator` at every forward."""
+    * QDrop: with `drop_prob < 1`, each element is quantized with probability `drop_prob` (to 1/65536) and
+      left in full precision otherwise, drawn from `generator` at every forward."""
 
     def __init__(self, bits: int):
         super().__init__(bits, ch_axis=None)
@@ -98,8 +100,6 @@ class ActQuantizer(FakeQuantizer):
         if self.calibrate_with is not None and self.active:
             self.observe(x, self.calibrate_with)
             self.calibrate_with = None
-        xq = super().forward(x)
         if self.drop_prob >= 1.0 or not self.active:
-            return xq
-        keep = torch.rand(x.shape, generator=self.generator, device=x.device) < self.drop_prob
-        return torch.where(keep, xq, x)
+            return super().forward(x)
+        return super().forward(x, bernoulli_mask(x, self.drop_prob, self.generator))

@@ -6,18 +6,31 @@ statistics, while staying close to the original input (the two terms are in `pdq
 
 Adam with ReduceLROnPlateau on the total loss; the settings are `method.dc` (`DCConfig`). The official
 code corrects batches of 32; the loss is separable per sample and Adam is per element, so pdq runs the
-same steps over larger chunks of the calibration set (`chunk`)."""
+same steps over larger chunks of the calibration set (`chunk`).
+
+A unit's corrected inputs depend only on the float model, the calibration images, the unit and the DC
+settings, not on the bits or the method: `DCStore` keeps them under `paths.cache_dir`, so that a sweep
+computes them once per model and calibration set."""
 
 from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
 
 import torch
 from torch import fx, nn
 
-from pdq.distributed import SINGLE, Dist
+from pdq.distributed import SINGLE, Dist, state_sha256
 from pdq.errors import PdqError
+from pdq.io import atomic_torch_save
 from pdq.recon.losses import bn_statistics_loss, proximity_loss
 from pdq.recon.phase import DCConfig
 from pdq.recon.units import Unit
+
+log = logging.getLogger("pdq")
 
 
 def fp_twin(fp_gm: fx.GraphModule, gm: fx.GraphModule, unit: Unit) -> tuple[fx.GraphModule, list[nn.Module]]:
@@ -88,7 +101,7 @@ def correct(unit_fp: nn.Module, bns: list[nn.Module], x_fp: torch.Tensor, cfg: D
             target = x_fp[start:start + chunk].float()
             denominator = n_global if whole else len(target)
             x = target.clone().requires_grad_(True)
-            opt = torch.optim.Adam([x], lr=cfg.lr)
+            opt = torch.optim.Adam([x], lr=cfg.lr, fused=True)  # one pass over x per step
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=cfg.patience, factor=cfg.factor,
                                                                  min_lr=cfg.min_lr)
             for step in range(cfg.steps + 1):
@@ -102,7 +115,7 @@ def correct(unit_fp: nn.Module, bns: list[nn.Module], x_fp: torch.Tensor, cfg: D
                     break
                 loss = stats + proximity_loss(x, target, denominator) / cfg.lambda_c
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward(inputs=[x])  # the input's gradient only, whatever the twin's parameters
                 opt.step()
                 plateau.step(dist.sum(loss.item())[0] if whole else loss.item())
                 bar.update(1)
@@ -114,3 +127,50 @@ def correct(unit_fp: nn.Module, bns: list[nn.Module], x_fp: torch.Tensor, cfg: D
     before, after = dist.sum(before, after)
     return torch.cat(out), {"dc_loss_before": round(before / n_global, 6),
                             "dc_loss_after": round(after / n_global, 6)}
+
+
+class DCStore:
+    """DC results, content-addressed: `<root>/dc/<key>.pt` holds a unit's corrected FP inputs (this process's
+    shard) and its BN-statistic losses. The key covers everything the result depends on, down to the bits:
+    the float model's weights and buffers, the calibration images (hence the data config, the seed and the
+    indices), this process's shard, the unit's nodes, the DC settings, the cache dtype and batch size, and
+    the device, thread count and torch version. Entries are written atomically; one that does not load or
+    does not match is a miss, recomputed and overwritten."""
+
+    def __init__(self, root: str | Path, fp_model: nn.Module, calib: torch.Tensor, *, batch_size: int,
+                 dtype: torch.dtype, device: torch.device, dist: Dist = SINGLE):
+        self.root, self.dtype, self.dist = Path(root) / "dc", dtype, dist
+        h = hashlib.sha256(state_sha256(fp_model).encode())
+        h.update(calib.detach().cpu().contiguous().numpy())
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+        h.update(json.dumps([list(calib.shape), str(calib.dtype), dist.rank, dist.world_size, batch_size,
+                             str(dtype), where, torch.__version__]).encode())
+        self.base = h
+
+    def path(self, unit: Unit, cfg: DCConfig) -> Path:
+        h = self.base.copy()
+        h.update(json.dumps([unit.input.name, unit.output.name, [n.name for n in unit.nodes],
+                             dataclasses.asdict(cfg)]).encode())
+        return self.root / f"{h.hexdigest()[:40]}.pt"
+
+    def load(self, path: Path, rows: int, device: torch.device) -> tuple[torch.Tensor, dict] | None:
+        """The entry at `path` if it is whole and fits (`rows` images in the cache dtype), else None; the
+        answer is every rank's (a hit only where every rank hits), so that all ranks then do the same work."""
+        entry = None
+        if path.is_file():
+            try:
+                raw = torch.load(path, map_location="cpu", weights_only=True)
+                x, info = raw["x"], dict(raw["info"])
+                if not (isinstance(x, torch.Tensor) and x.dtype == self.dtype and len(x) == rows
+                        and torch.isfinite(x).all()):
+                    raise ValueError(f"holds {type(x).__name__} {getattr(x, 'shape', '')}, not {rows} finite rows "
+                                     f"of {self.dtype}")
+                entry = x.to(device), info
+            except Exception as e:
+                log.warning("DC cache entry %s is unreadable (%s: %s); recomputing it", path, type(e).__name__,
+                            str(e)[:200])
+        hits = self.dist.sum(float(entry is not None))[0]
+        return entry if hits == self.dist.world_size else None
+
+    def save(self, path: Path, x: torch.Tensor, info: dict) -> None:
+        atomic_torch_save({"x": x.detach().cpu(), "info": info}, path)

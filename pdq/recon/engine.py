@@ -4,7 +4,9 @@ order and, for each unit:
 1. `prepare`: caches its inputs on the quantized path (earlier units quantized and hardened) and on the
    FP path (DC-corrected when DC is on), and its FP output, for the whole calibration set on the compute
    device (under DDP: for this rank's shard; every step's batch is then `batch_size / world_size` images
-   per rank), and initialises its activation quantizers from the first `act_init_size` inputs;
+   per rank), and initialises its activation quantizers from the first `act_init_size` inputs. Inputs
+   follow from the previous unit's where units form a chain (`pdq.recon.inputs`); DC results come from
+   `paths.cache_dir` when an earlier run computed them (`pdq.recon.dc.DCStore`);
 2. `fit`: with the phase's switches on (AdaRound, learned scales, QDrop dropping, the FP rest of the
    network), fits a `UnitReconstruction` with a Lightning Trainer for `iters` steps, batches and masks
    drawn from generators seeded by (seed, phase, unit, rank), gradients all-reduced over the ranks by
@@ -15,6 +17,8 @@ order and, for each unit:
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import time
 import warnings
@@ -25,7 +29,7 @@ from torch import fx
 
 from pdq.context import RunContext, stream_seed
 from pdq.io import atomic_torch_save
-from pdq.quant.graph import quantize_model
+from pdq.quant.graph import is_act_quant, quantize_model
 from pdq.quant.observers import Observer
 from pdq.quant.state import (
     act_quantizers,
@@ -36,11 +40,12 @@ from pdq.quant.state import (
     learned_scales,
     set_quant_state,
 )
-from pdq.recon.dc import check_chunk, correct, fp_twin
+from pdq.recon.dc import DCStore, check_chunk, correct, fp_twin
+from pdq.recon.inputs import UnitInputs
 from pdq.recon.module import Caches, UnitProgress, UnitReconstruction, loader
-from pdq.recon.phase import Phase
+from pdq.recon.phase import DCConfig, Phase
 from pdq.recon.subgraph import prefix, segment, suffix
-from pdq.recon.units import Unit, enclosing, find_units
+from pdq.recon.units import Unit, ancestors, enclosing, find_units
 
 log = logging.getLogger("pdq")
 STATE_FILE = "recon_state.pt"
@@ -52,15 +57,32 @@ FIT_WARNINGS = (r".*module\(s\) in eval mode.*", r".*does not have many workers.
 
 
 @torch.no_grad()
-def _run_batched(module: torch.nn.Module, x: torch.Tensor, batch_size: int, device, dtype) -> torch.Tensor:
-    return torch.cat([module(x[i:i + batch_size].to(device, torch.float32)).to(dtype)
-                      for i in range(0, len(x), batch_size)])
+def _run_batched(module: torch.nn.Module, xs: tuple[torch.Tensor, ...], batch_size: int, device, dtype,
+                 memory_format: torch.memory_format = torch.preserve_format) -> torch.Tensor:
+    """`module` over the rows of the tensors `xs` (its inputs), `batch_size` rows at a time, in float32."""
+    def batch(x: torch.Tensor, i: int) -> torch.Tensor:
+        fmt = memory_format if x.dim() == 4 else torch.preserve_format  # channels-last is for 4-D tensors only
+        return x[i:i + batch_size].to(device, torch.float32, memory_format=fmt)
+
+    return torch.cat([module(*(batch(x, i) for x in xs)).to(dtype) for i in range(0, len(xs[0]), batch_size)])
+
+
+@contextlib.contextmanager
+def memory_format(module: torch.nn.Module, fmt: torch.memory_format):
+    """`module`'s 4-D parameters and buffers in `fmt` inside the block, back in the default layout after."""
+    module.to(memory_format=fmt)
+    try:
+        yield
+    finally:
+        module.to(memory_format=torch.contiguous_format)
 
 
 class ReconstructionEngine:
     def __init__(self, gm: fx.GraphModule, calib: torch.Tensor, ctx: RunContext, act_observer: Observer):
         self.gm, self.calib, self.ctx, self.act_observer = gm, calib, ctx, act_observer
         self.local = calib[ctx.dist.shard(len(calib))]  # the images this rank caches (all of them without DDP)
+        #: channels-last for image batches when `calib.channels_last` (faster convolutions), else as they come
+        self.fmt = torch.channels_last if ctx.channels_last and calib.dim() == 4 else torch.preserve_format
         self.summaries: list[dict] = list((ctx.resume_state or {}).get("units", []))
         self.done: set[tuple[int, int]] = {(s["phase"], s["index"]) for s in self.summaries}
         self.step_offset = sum(s["iters"] for s in self.summaries)
@@ -69,18 +91,21 @@ class ReconstructionEngine:
         self._logits: torch.Tensor | None = None
         self._fp_graph: fx.GraphModule | None = None
         self._fp_folded: fx.GraphModule | None = None
+        self._dc_store: DCStore | None = None
+        self.inputs: dict[str, UnitInputs] = {}  # per path, for the phase in progress
 
     def logits(self) -> torch.Tensor:
         """FP network logits on the (uncorrected) calibration images, computed once."""
         if self._logits is None:
-            self._logits = _run_batched(self.fp_folded(), self.local, self.ctx.batch_size, self.ctx.device,
-                                        torch.float32)
+            self._logits = _run_batched(self.fp_folded(), (self.local,), self.ctx.batch_size, self.ctx.device,
+                                        torch.float32, self.fmt)
         return self._logits
 
     def fp_graph(self) -> fx.GraphModule:
-        """The unfolded FP model as a graph (DC needs its BatchNorms)."""
+        """The unfolded FP model as a graph (DC needs its BatchNorms): a copy without parameter gradients."""
         if self._fp_graph is None:
-            self._fp_graph = fx.symbolic_trace(self.ctx.fp_model).to(self.ctx.device).eval()
+            self._fp_graph = fx.symbolic_trace(copy.deepcopy(self.ctx.fp_model)).to(self.ctx.device).eval()
+            self._fp_graph.requires_grad_(False).to(memory_format=self.fmt)
         return self._fp_graph
 
     def fp_folded(self) -> fx.GraphModule:
@@ -91,24 +116,39 @@ class ReconstructionEngine:
         if self._fp_folded is None:
             fp = quantize_model(self.ctx.fp_model).to(self.ctx.device).eval()
             set_quant_state(fp, weight=False, act=False)
-            self._fp_folded = fp
+            self._fp_folded = fp.to(memory_format=self.fmt)
         return self._fp_folded
 
-    def fp_pieces(self, unit: Unit) -> tuple[fx.GraphModule, fx.GraphModule]:
-        """(prefix, segment) of the FP path for `unit`, matched to `gm`'s unit by node name."""
+    def fp_segment(self, unit: Unit) -> fx.GraphModule:
+        """`unit` on the FP path, matched to `gm`'s unit by node name."""
         fp = self.fp_folded()
         nodes = {n.name: n for n in fp.graph.nodes}
-        twin = Unit(unit.name, unit.kind, [nodes[n.name] for n in unit.nodes], nodes[unit.input.name],
-                    nodes[unit.output.name])
-        return prefix(fp, twin.input), segment(fp, twin)
+        return segment(fp, Unit(unit.name, unit.kind, [nodes[n.name] for n in unit.nodes], nodes[unit.input.name],
+                                nodes[unit.output.name]))
+
+    def dc_store(self) -> DCStore | None:
+        """The DC cache (`paths.cache_dir`; None: no cache), keyed on this engine's float model and images."""
+        if self._dc_store is None and self.ctx.cache_dir is not None:
+            ctx = self.ctx
+            self._dc_store = DCStore(ctx.cache_dir, ctx.fp_model, self.calib, batch_size=ctx.batch_size,
+                                     dtype=ctx.cache_dtype, device=ctx.device, dist=ctx.dist)
+        return self._dc_store
+
+    def run_batched(self, module: torch.nn.Module, *xs: torch.Tensor) -> torch.Tensor:
+        return _run_batched(module, xs, self.ctx.batch_size, self.ctx.device, self.ctx.cache_dtype, self.fmt)
 
     def run(self, phases: list[Phase]) -> list[dict]:
+        with memory_format(self.gm, self.fmt):
+            return self._run(phases)
+
+    def _run(self, phases: list[Phase]) -> list[dict]:
         for phase in phases:
             check_chunk(phase.dc, len(self.local), self.ctx.dist)
         for p, phase in enumerate(phases):
             units = find_units(self.gm, phase.pattern)
             for q in act_quantizers(self.gm):
                 q.enabled = phase.act_quant
+            self.begin_phase()
             for i, unit in enumerate(units):
                 if (p, i) in self.done or (i == 0 and not self.ctx.reconstruct_stem):
                     continue
@@ -116,49 +156,78 @@ class ReconstructionEngine:
                 self.save(p, i)
         return self.summaries
 
-    def caches(self, unit: Unit, phase: Phase) -> tuple[Caches, dict]:
-        ctx, gm = self.ctx, self.gm
-        pre = prefix(gm, unit.input)
-        x_q = x_fp = None
+    def begin_phase(self) -> None:
+        """Fresh incremental caches of the unit inputs on the quantized path, on the FP path, and of the
+        blocks enclosing PD layer units (a phase visits the units from the first again)."""
+        chain = self.ctx.cache_dtype == torch.float32
+        self.inputs = {"q": UnitInputs(self.gm, self.local, self.run_batched, chain),
+                       "fp": UnitInputs(self.fp_folded(), self.local, self.run_batched, chain),
+                       "outer": UnitInputs(self.gm, self.local, self.run_batched, chain)}
+
+    def caches(self, unit: Unit, phase: Phase, outer: Unit | None) -> tuple[Caches, dict]:
+        x_q = None
         if phase.input_prob > 0 or phase.uses_pd:
             if phase.act_quant:
-                ctx.dist.broadcast_quantizers(calibrate_activations(
-                    pre, self.calib[: ctx.act_init_size].to(ctx.device), self.act_observer, only_uninitialized=True))
-            x_q = _run_batched(pre, self.local, ctx.batch_size, ctx.device, ctx.cache_dtype)
+                self.calibrate_upstream(unit.input)
+            x_q = self.inputs["q"](unit.input.name)
+        x_fp = self.inputs["fp"](unit.input.name)
         dc_info: dict = {}
-        fp_pre, fp_seg = self.fp_pieces(unit)
-        x_fp_full = _run_batched(fp_pre, self.local, ctx.batch_size, ctx.device, ctx.cache_dtype)
         if phase.dc.enabled:
-            t_dc = time.time()
-            twin, bns = fp_twin(self.fp_graph(), gm, unit)
-            x_fp_full, dc_info = correct(twin, bns, x_fp_full, phase.dc, desc=f"DC {unit.name}", dist=ctx.dist)
-            dc_info["dc_s"] = round(time.time() - t_dc, 3)
-        y_fp = _run_batched(fp_seg, x_fp_full, ctx.batch_size, ctx.device, ctx.cache_dtype)
-        if phase.input_prob < 1:
-            x_fp = x_fp_full
+            x_fp, dc_info = self.correct(unit, phase.dc, x_fp)
+        y_fp = self.run_batched(self.fp_segment(unit), x_fp)
         logits = self.logits() if phase.uses_pd else None
-        outer = enclosing(gm, unit) if phase.uses_pd else None
-        rest_input = None if outer is None else _run_batched(prefix(gm, outer.input), self.local, ctx.batch_size,
-                                                               ctx.device, ctx.cache_dtype)
-        return Caches(x_q, x_fp, y_fp, logits, rest_input), dc_info
+        rest_input = None if outer is None else self.inputs["outer"](outer.input.name)
+        return Caches(x_q, x_fp if phase.input_prob < 1 else None, y_fp, logits, rest_input), dc_info
+
+    def calibrate_upstream(self, node: fx.Node) -> None:
+        """Activation quantizers on the way to `node` that no unit initialised (glue between units), from the
+        first `act_init_size` images through the quantized prefix, in forward order."""
+        gm, ctx = self.gm, self.ctx
+        if any(is_act_quant(gm, n) and gm.get_submodule(n.target).active
+               and not bool(gm.get_submodule(n.target).initialized) for n in ancestors(node) | {node}):
+            ctx.dist.broadcast_quantizers(calibrate_activations(
+                prefix(gm, node), self.calib[: ctx.act_init_size].to(ctx.device, memory_format=self.fmt),
+                self.act_observer, only_uninitialized=True))
+
+    def correct(self, unit: Unit, cfg: DCConfig, x_fp: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The unit's DC-corrected FP inputs and DC's losses: from the DC cache when an earlier run with the
+        same float model, images, unit and settings computed them, else computed (and stored)."""
+        t_dc = time.time()
+        twin, bns = fp_twin(self.fp_graph(), self.gm, unit)
+        if not bns:  # nothing to correct
+            return x_fp, {"dc_s": round(time.time() - t_dc, 3)}
+        store = self.dc_store()
+        path = store.path(unit, cfg) if store is not None else None
+        hit = store.load(path, len(x_fp), self.ctx.device) if store is not None else None
+        if hit is not None:
+            x_fp, info = hit
+            log.info("DC %s: from the cache (%s)", unit.name, path)
+        else:
+            x_fp, info = correct(twin, bns, x_fp, cfg, desc=f"DC {unit.name}", dist=self.ctx.dist)
+            if store is not None:
+                store.save(path, x_fp, info)
+        return x_fp, {**info, "dc_cached": hit is not None, "dc_s": round(time.time() - t_dc, 3)}
 
     def reconstruct(self, p: int, i: int, n_units: int, unit: Unit, phase: Phase) -> dict:
         """Prepare, fit and finish one unit; returns its summary."""
         t0 = time.time()
         name = f"p{p}_u{i:02d}_{unit.name}" if p else f"u{i:02d}_{unit.name}"
-        seg, caches, acts, dc_info, t_cache = self.prepare(unit, phase, name)
+        outer = enclosing(self.gm, unit) if phase.uses_pd else None
+        seg, caches, acts, dc_info, t_cache = self.prepare(unit, phase, outer, name)
         t_init = time.time()
-        last, trained = self.fit(p, i, unit, phase, seg, caches, acts, name, f"unit {i + 1}/{n_units} {unit.name}")
+        last, trained = self.fit(p, i, unit, phase, outer, seg, caches, acts, name,
+                                 f"unit {i + 1}/{n_units} {unit.name}")
         times = {"seconds": time.time() - t0, "cache_s": t_cache - t0, "act_init_s": t_init - t_cache,
                  "fit_s": time.time() - t_init}
         return self.finish(p, i, n_units, unit, phase.iters if trained else 0, last, dc_info, times)
 
-    def prepare(self, unit: Unit, phase: Phase, name: str) -> tuple[fx.GraphModule, Caches, list, dict, float]:
+    def prepare(self, unit: Unit, phase: Phase, outer: Unit | None, name: str
+                ) -> tuple[fx.GraphModule, Caches, list, dict, float]:
         """The unit's segment, its caches (DC-corrected FP inputs when DC is on; DC's losses logged at the
         unit's first step), its activation quantizers (initialised when the phase quantizes activations),
         and when caching ended."""
         seg = segment(self.gm, unit)
-        caches, dc_info = self.caches(unit, phase)
+        caches, dc_info = self.caches(unit, phase, outer)
         if dc_info and self.ctx.logger is not None:
             self.ctx.logger.log_metrics({f"{name}/{k}": v for k, v in dc_info.items() if k.startswith("dc_loss")},
                                         step=self.step_offset + 1)
@@ -187,8 +256,8 @@ class ReconstructionEngine:
         ctx.dist.broadcast_quantizers(calibrate_activations(seg, x_init.float(), self.act_observer,
                                                             only_uninitialized=True))
 
-    def fit(self, p: int, i: int, unit: Unit, phase: Phase, seg: fx.GraphModule, caches: Caches, acts: list,
-            name: str, desc: str) -> tuple[dict[str, float], bool]:
+    def fit(self, p: int, i: int, unit: Unit, phase: Phase, outer: Unit | None, seg: fx.GraphModule, caches: Caches,
+            acts: list, name: str, desc: str) -> tuple[dict[str, float], bool]:
         """Fit what `phase` learns on `unit` with a Lightning Trainer, then harden and freeze it. Returns the
         last loss terms and whether anything was learned. Batches and masks come from generators seeded
         by (seed, phase, unit, rank)."""
@@ -197,7 +266,6 @@ class ReconstructionEngine:
         rank = ctx.dist.rank
         gen = torch.Generator().manual_seed(stream_seed(ctx.seed, p, i, 2 * rank))
         mask_gen = torch.Generator(device=ctx.device).manual_seed(stream_seed(ctx.seed, p, i, 2 * rank + 1))
-        outer = enclosing(gm, unit) if phase.uses_pd else None
         rest = suffix(gm, unit.output, outer and outer.input) if phase.uses_pd else None
         with (adaround(layers if phase.learn_rounding else []) as adarounds,
               learned_scales(acts if phase.learns_scales else []) as scales,

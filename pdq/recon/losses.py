@@ -19,8 +19,8 @@ BN_EPS = 1e-6
 
 def reconstruction_loss(out: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
     """mean over (batch, spatial) of sum over channels |out - target|^p (the official `lp_loss`)."""
-    diff = (out - target).abs()
-    return (diff.pow(2) if p == 2 else diff.pow(p)).sum(1).mean()
+    diff = out - target
+    return (diff * diff if p == 2 else diff.abs().pow(p)).sum(1).mean()
 
 
 def prediction_difference(logits_q: torch.Tensor, logits_fp: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -71,15 +71,18 @@ def bn_statistics_loss(inputs: list[torch.Tensor], bns: list[nn.Module], denomin
     loss = inputs[0].new_zeros(())
     for a, bn in zip(inputs, bns):
         a = a.flatten(2) if a.dim() > 2 else a.unsqueeze(-1)  # [N, C, positions]
-        loss = loss + (a.mean(-1) - bn.running_mean).pow(2).sum(1).mean()
         if a.shape[-1] > 1:
-            sigma = torch.sqrt(a.var(-1, unbiased=True) + BN_EPS)
+            var, mean = torch.var_mean(a, -1, correction=1)  # one pass for both
+            sigma = torch.sqrt(var + BN_EPS)
             loss = loss + (sigma - torch.sqrt(bn.running_var + BN_EPS)).pow(2).sum(1).mean()
+        else:
+            mean = a.squeeze(-1)
+        loss = loss + (mean - bn.running_mean).pow(2).sum(1).mean()
     return loss if denominator is None else loss * (len(inputs[0]) / denominator)
 
 
 def proximity_loss(x: torch.Tensor, target: torch.Tensor, denominator: int | None = None) -> torch.Tensor:
     """DC's proximity term: mean over (batch, spatial) of sum over channels (x - target)^2, normalised like
     `bn_statistics_loss`."""
-    loss = (x - target).pow(2).sum(1).mean()
+    loss = torch.nn.functional.mse_loss(x, target, reduction="sum") / (target.numel() // target.shape[1])
     return loss if denominator is None else loss * (len(target) / denominator)

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from pdq.quant.adaround import AdaRoundQuantizer
+from pdq.quant.functional import bernoulli_mask
 from pdq.quant.state import dropping
 from pdq.recon.losses import RoundingRegularizer, prediction_difference, reconstruction_loss
 from pdq.recon.phase import Phase
@@ -90,8 +91,7 @@ class UnitReconstruction(L.LightningModule):
         if input_prob <= 0.0:
             return c.x_fp[idx].float()
         x_q, x_fp = c.x_q[idx].float(), c.x_fp[idx].float()
-        keep = torch.rand(x_q.shape, generator=self.mask_generator, device=x_q.device) < input_prob
-        return torch.where(keep, x_q, x_fp)
+        return torch.where(bernoulli_mask(x_q, input_prob, self.mask_generator), x_q, x_fp)
 
     def losses(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each term as it enters the total: rec_weight * L_rec + pd_weight * L_PD + round_weight * f_reg."""

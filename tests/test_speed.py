@@ -1,0 +1,272 @@
+"""What makes reconstruction cheaper must not change what it computes: no parameter gradients on the FP paths
+and in DC, the DC cache (a hit equals a miss; corrupt entries and other settings miss), incremental unit
+inputs (equal to the prefix's), the fused quantizer (equal to `fake_quantize`), QDrop's cheaper masks, and
+bf16-mixed precision on CPU. Speed itself is measured by `benchmarks/methods.py`, not here."""
+
+import copy
+import logging
+from dataclasses import replace
+
+import pytest
+import torch
+import torchvision
+
+from pdq.models.fmnist import mobilenetv2_fmnist, resnet20_fmnist
+from pdq.pipeline import run
+from pdq.quant import quantize_model
+from pdq.quant.functional import bernoulli_mask, fake_quantize, fake_quantize_fused
+from pdq.quant.observers import MinMaxObserver
+from pdq.quant.state import calibrate_activations, calibrate_weights
+from pdq.recon import find_units
+from pdq.recon.dc import DCStore, correct, fp_twin
+from pdq.recon.engine import ReconstructionEngine
+from pdq.recon.inputs import UnitInputs
+from pdq.recon.subgraph import prefix
+from tests.conftest import make_dc
+from tests.test_graph import randomize_bn
+
+TINY = ["model=resnet20_fmnist", "calib.size=32", "calib.act_init_size=32", "data.eval_subset=200", "logger=none",
+        "method.iters=3", "model.ptq.dc_steps=2", "quant=w2a4", "seed=5"]
+
+
+# --- fused quantizer and masks -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per-tensor", "per-channel"])
+@pytest.mark.parametrize("dropping", [False, True], ids=["all", "qdrop"])
+def test_fused_quantizer_matches_the_reference_values_and_gradients(bits, per_channel, dropping):
+    g = torch.Generator().manual_seed(bits)
+    x0 = torch.randn(8, 6, 5, 5, generator=g) * 0.4 + 0.1
+    x0[0] = x0[0].clamp(min=0)  # exact zeros: grid ends hit exactly
+    shape = (6, 1, 1) if per_channel else ()  # per channel: axis 1 of x
+    scale = (torch.rand(shape, generator=g) * 0.05 + 0.02).requires_grad_(True)  # LSQ: learnable scale
+    zero = torch.randint(0, 2 ** bits, shape, generator=g).float()
+    keep = torch.rand(x0.shape, generator=g) < 0.5 if dropping else None
+    grads = []
+    for fn in ("reference", "fused"):
+        x = x0.clone().requires_grad_(True)
+        if fn == "reference":
+            y = fake_quantize(x, scale, zero, bits)
+            y = torch.where(keep, y, x) if dropping else y
+        else:
+            y = fake_quantize_fused(x, scale, zero, bits, keep)
+        (y * torch.linspace(-1, 2, y.numel()).view_as(y)).sum().backward()  # a gradient that differs per element
+        grads.append((y.detach(), x.grad, scale.grad.clone()))
+        scale.grad = None
+    (y_ref, gx_ref, gs_ref), (y, gx, gs) = grads
+    assert torch.equal(y, y_ref)
+    assert torch.allclose(gx, gx_ref, atol=1e-6)
+    assert torch.allclose(gs, gs_ref, rtol=1e-4, atol=1e-5 * gs_ref.abs().max().item())
+    assert gs.abs().sum() > 0 and (gx == 0).any() and (gx != 0).any()  # clipped and passed elements both present
+
+
+def test_fused_quantizer_refuses_a_learnable_zero_point():
+    with pytest.raises(ValueError, match="zero point"):
+        fake_quantize_fused(torch.randn(4), torch.tensor(0.1), torch.tensor(1.0, requires_grad=True), 4)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25, 0.5, 0.9, 1.0])
+def test_bernoulli_mask_has_the_probability_and_the_layout_of_its_input(p):
+    like = torch.empty(64, 8, 16, 16).contiguous(memory_format=torch.channels_last)
+    mask = bernoulli_mask(like, p, torch.Generator().manual_seed(0))
+    assert mask.dtype == torch.bool and mask.shape == like.shape and mask.stride() == like.stride()
+    assert abs(mask.float().mean().item() - p) < 0.005
+    again = bernoulli_mask(like, p, torch.Generator().manual_seed(0))
+    assert torch.equal(mask, again)
+    if 0 < p < 1:
+        other = bernoulli_mask(like, p, torch.Generator().manual_seed(1))
+        assert not torch.equal(mask, other)
+        assert abs(mask[:, 0].float().mean().item() - p) < 0.02  # every channel, not only some
+    assert bernoulli_mask(torch.empty(7, 3), p, None).shape == (7, 3)  # odd sizes, default generator
+
+
+# --- no parameter gradients -----------------------------------------------------------------------------------------
+
+def test_dc_computes_the_input_gradient_only_even_for_a_twin_with_trainable_weights():
+    torch.manual_seed(0)
+    model = randomize_bn(resnet20_fmnist()).train(False)  # parameters require grad, as a user's model does
+    qm = quantize_model(model)
+    unit = find_units(qm)[2]
+    twin, bns = fp_twin(torch.fx.symbolic_trace(model), qm, unit)
+    x = torch.randn(4, 16, 28, 28)
+    out, info = correct(twin, bns, x, make_dc(steps=3, chunk=4))
+    assert info["dc_loss_after"] < info["dc_loss_before"]
+    assert all(p.grad is None for p in model.parameters())
+    assert not torch.equal(out, x)
+
+
+def test_reconstruction_leaves_no_parameter_gradient_anywhere(monkeypatch):
+    """A PD-Quant run (DC, FP suffix, FP caches): no parameter of the float model, of pdq's FP copies or of the
+    quantized model gets a gradient; the user's model keeps its requires_grad flags."""
+    import pdq
+
+    engines = []
+    real = ReconstructionEngine.run
+
+    def keep(self, phases):
+        engines.append(self)
+        return real(self, phases)
+
+    monkeypatch.setattr(ReconstructionEngine, "run", keep)
+    model = resnet20_fmnist()
+    qmodel, results = pdq.quantize(model, torch.randn(32, 1, 28, 28), method="pdquant", bits="w2a4", iters=3,
+                                   dc_steps=2, logger="none")
+    (engine,) = engines
+    assert any("dc_loss_before" in u for u in results["units"])
+    for module in (model, engine.fp_graph(), engine.fp_folded(), qmodel):
+        assert all(p.grad is None for p in module.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(p.requires_grad for p in (*engine.fp_graph().parameters(), *engine.fp_folded().parameters()))
+
+
+# --- DC cache ------------------------------------------------------------------------------------------------------
+
+def _units(results):
+    return {u["name"]: u for u in results["units"]}
+
+
+def test_dc_cache_hit_gives_the_bits_of_a_miss(make_cfg, tmp_path):
+    first = run(make_cfg(*TINY, "method=pdquant", f"paths.output_dir={tmp_path / 'a'}"))
+    second = run(make_cfg(*TINY, "method=pdquant", f"paths.output_dir={tmp_path / 'b'}"))
+    corrected = [n for n, u in _units(first).items() if "dc_loss_before" in u]
+    assert corrected and not any(_units(first)[n]["dc_cached"] for n in corrected)
+    assert all(_units(second)[n]["dc_cached"] for n in corrected)
+    assert all(_units(second)[n]["dc_loss_after"] == _units(first)[n]["dc_loss_after"] for n in corrected)
+    a, b = (torch.load(tmp_path / d / "quantized_model.pt") for d in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list((tmp_path / "cache" / "dc").glob("*.pt"))) == len(corrected)
+
+
+def test_dc_cache_is_shared_across_bits_and_methods_but_not_settings_or_seeds(make_cfg, tmp_path):
+    run(make_cfg(*TINY, "method=pdquant"))
+    hits = lambda *o: [u["dc_cached"] for u in run(make_cfg(*TINY, *o))["units"] if "dc_cached" in u]  # noqa: E731
+    assert all(hits("method=qdrop_dc", "quant=w4a4"))
+    assert not any(hits("method=pdquant", "method.dc.lr=0.002"))
+    assert not any(hits("method=pdquant", "seed=6"))
+
+
+def test_corrupt_dc_cache_entry_is_recomputed_not_trusted(make_cfg, tmp_path, caplog):
+    ref = run(make_cfg(*TINY, "method=pdquant", f"paths.output_dir={tmp_path / 'a'}"))
+    entries = sorted((tmp_path / "cache" / "dc").glob("*.pt"))
+    entries[0].write_bytes(entries[0].read_bytes()[:100])  # truncated
+    torch.save({"x": torch.zeros(3), "info": {}}, entries[1])  # whole, but not this unit's tensor
+    with caplog.at_level(logging.WARNING, logger="pdq"):
+        again = run(make_cfg(*TINY, "method=pdquant", f"paths.output_dir={tmp_path / 'b'}"))
+    assert sum("unreadable" in r.getMessage() for r in caplog.records) == 2
+    assert sorted(u["dc_cached"] for u in again["units"] if "dc_loss_before" in u).count(False) == 2
+    a, b = (torch.load(tmp_path / d / "quantized_model.pt") for d in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a) and again["quant_top1"] == ref["quant_top1"]
+    assert all(len(torch.load(e, weights_only=True)["x"]) == 32 for e in entries)  # rewritten whole
+
+
+def test_dc_store_key_covers_model_images_unit_settings_and_layout():
+    model = resnet20_fmnist()
+    qm = quantize_model(model)
+    unit, other_unit = find_units(qm)[1:3]
+    images = torch.randn(8, 1, 28, 28)
+    kw = dict(batch_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    store = DCStore("/nowhere", model, images, **kw)
+    dc = make_dc()
+    key = store.path(unit, dc)
+    assert key == DCStore("/nowhere", copy.deepcopy(model), images.clone(), **kw).path(unit, dc)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.conv1.weight[0, 0, 0, 0] += 1e-3
+    assert key != DCStore("/nowhere", changed, images, **kw).path(unit, dc)
+    images2 = images.clone()
+    images2[3, 0, 5, 5] += 1e-3
+    assert key != DCStore("/nowhere", model, images2, **kw).path(unit, dc)
+    assert key != DCStore("/nowhere", model, images, **{**kw, "batch_size": 8}).path(unit, dc)
+    assert key != DCStore("/nowhere", model, images, **{**kw, "dtype": torch.float16}).path(unit, dc)
+    assert key != store.path(other_unit, dc)
+    assert key != store.path(unit, replace(dc, steps=dc.steps + 1))
+    assert key != store.path(unit, replace(dc, chunk=4))
+
+
+# --- incremental unit inputs ---------------------------------------------------------------------------------------
+
+ZOO = [(resnet20_fmnist, (6, 1, 28, 28)), (mobilenetv2_fmnist, (6, 1, 28, 28)),
+       (torchvision.models.resnet18, (4, 3, 48, 48)), (torchvision.models.mobilenet_v2, (4, 3, 48, 48)),
+       (torchvision.models.regnet_x_400mf, (4, 3, 48, 48)), (torchvision.models.mnasnet0_5, (4, 3, 48, 48)),
+       (torchvision.models.googlenet, (4, 3, 48, 48))]
+
+
+def _calibrated(build, shape):
+    torch.manual_seed(0)
+    build_kwargs = {"aux_logits": False, "init_weights": True} if build is torchvision.models.googlenet else {}
+    qm = quantize_model(randomize_bn(build(**build_kwargs).eval()), bits=4)
+    x = torch.randn(shape)
+    calibrate_weights(qm, MinMaxObserver())
+    calibrate_activations(qm, x, MinMaxObserver())
+    return qm, x
+
+
+@torch.no_grad()
+def _in_pairs(module, *xs):
+    return torch.cat([module(*(x[i:i + 2] for x in xs)) for i in range(0, len(xs[0]), 2)])
+
+
+@pytest.mark.parametrize("pattern", ["block", "layer"])
+@pytest.mark.parametrize("build,shape", ZOO, ids=[b.__name__ for b, _ in ZOO])
+def test_incremental_unit_inputs_equal_the_prefix_path(build, shape, pattern):
+    """On the quantized path (weights and activations quantized at 4 bits), every unit's input computed from
+    the previous inputs equals the one computed from the images, bit for bit; only the first comes from
+    the images, also for layer units inside branches."""
+    qm, x = _calibrated(build, shape)
+    inputs = UnitInputs(qm, x, _in_pairs)
+    units = find_units(qm, pattern)
+    for unit in units:
+        assert torch.equal(inputs(unit.input.name), _in_pairs(prefix(qm, unit.input), x)), unit.name
+    assert inputs.from_prefix == 1
+
+
+@pytest.mark.parametrize("chain", [True, False])
+def test_unit_inputs_fall_back_to_the_prefix_when_the_cached_ones_do_not_lead_there(chain):
+    qm, x = _calibrated(resnet20_fmnist, (6, 1, 28, 28))
+    inputs = UnitInputs(qm, x, _in_pairs, chain=chain)
+    units = find_units(qm, "layer")
+    order = [units[5], units[2], units[3], units[9], units[1]]  # backwards, forwards, skipping, backwards
+    for unit in order:
+        assert torch.equal(inputs(unit.input.name), _in_pairs(prefix(qm, unit.input), x)), unit.name
+    assert inputs.from_prefix == (4 if chain else 5)  # chained: only the 4th (u3 from u2, no cut)
+
+
+def test_engine_caches_unit_inputs_from_the_images_once_per_phase(make_cfg):
+    counts = []
+    real = UnitInputs.__call__
+
+    def count(self, name):
+        out = real(self, name)
+        counts.append((id(self), self.from_prefix))
+        return out
+
+    UnitInputs.__call__ = count
+    try:
+        results = run(make_cfg(*TINY, "method=qdrop"))
+    finally:
+        UnitInputs.__call__ = real
+    per_path = {}
+    for path, n in counts:
+        per_path[path] = n
+    assert len(per_path) == 2 and set(per_path.values()) == {1}  # quantized and FP path: one prefix each
+    assert len(results["units"]) == 11
+
+
+# --- bf16-mixed ----------------------------------------------------------------------------------------------------
+
+def test_bf16_mixed_precision_runs_a_few_steps_on_cpu(make_cfg):
+    results = run(make_cfg(*TINY, "method=pdquant", "trainer.precision=bf16-mixed"))
+    assert results["config"]["trainer"]["precision"] == "bf16-mixed"
+    losses = [u["loss"] for u in results["units"] if "loss" in u]
+    assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses)
+    assert results["quant_top1"] > 10.0
+
+
+def test_channels_last_is_a_layout_not_a_different_result(make_cfg, tmp_path):
+    on = run(make_cfg(*TINY, "method=qdrop", f"paths.output_dir={tmp_path / 'on'}"))
+    off = run(make_cfg(*TINY, "method=qdrop", "calib.channels_last=false", f"paths.output_dir={tmp_path / 'off'}"))
+    assert on["config"]["calib"]["channels_last"] is True and off["config"]["calib"]["channels_last"] is False
+    a, b = (torch.load(tmp_path / d / "quantized_model.pt") for d in ("on", "off"))
+    assert all(a[k].is_contiguous() for k in a)  # the quantized model leaves in the default layout
+    close = [torch.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a if "weight" in k]
+    assert sum(close) >= 0.9 * len(close)  # float rounding may flip a few roundings, not the result
