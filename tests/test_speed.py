@@ -4,6 +4,7 @@ inputs (equal to the prefix's), the fused quantizer (equal to `fake_quantize`), 
 bf16-mixed precision on CPU. Speed itself is measured by `benchmarks/methods.py`, not here."""
 
 import copy
+import functools
 import logging
 from dataclasses import replace
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torchvision
 
+from pdq.models import build_model
 from pdq.models.fmnist import mobilenetv2_fmnist, resnet20_fmnist
 from pdq.pipeline import run
 from pdq.quant import quantize_model
@@ -185,10 +187,17 @@ def test_dc_store_key_covers_model_images_unit_settings_and_layout():
 
 # --- incremental unit inputs ---------------------------------------------------------------------------------------
 
+def _paper(name):
+    return functools.partial(build_model, name, pretrained=False)
+
+
 ZOO = [(resnet20_fmnist, (6, 1, 28, 28)), (mobilenetv2_fmnist, (6, 1, 28, 28)),
        (torchvision.models.resnet18, (4, 3, 48, 48)), (torchvision.models.mobilenet_v2, (4, 3, 48, 48)),
        (torchvision.models.regnet_x_400mf, (4, 3, 48, 48)), (torchvision.models.mnasnet0_5, (4, 3, 48, 48)),
-       (torchvision.models.googlenet, (4, 3, 48, 48))]
+       (torchvision.models.googlenet, (4, 3, 48, 48)),
+       *((_paper(name), (2, 3, 48, 48)) for name in ("resnet18_brecq", "mobilenetv2_brecq", "regnetx_600m",
+                                                       "mnasnet_x2"))]
+ZOO_IDS = [getattr(b, "__name__", None) or b.args[0] for b, _ in ZOO]
 
 
 def _calibrated(build, shape):
@@ -207,7 +216,7 @@ def _in_pairs(module, *xs):
 
 
 @pytest.mark.parametrize("pattern", ["block", "layer"])
-@pytest.mark.parametrize("build,shape", ZOO, ids=[b.__name__ for b, _ in ZOO])
+@pytest.mark.parametrize("build,shape", ZOO, ids=ZOO_IDS)
 def test_incremental_unit_inputs_equal_the_prefix_path(build, shape, pattern):
     """On the quantized path (weights and activations quantized at 4 bits), every unit's input computed from
     the previous inputs equals the one computed from the images, bit for bit; only the first comes from
