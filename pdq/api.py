@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pdq.data.calib import draw_indices
+from pdq.data.tensor import TensorDataModule
 from pdq.errors import PdqError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -29,31 +29,6 @@ GROUPS = ("trainer", "logger")
 #: where a plain override name is looked up, in order (`iters` -> method.iters, `size` -> calib.size)
 SEARCH = ("", "method.", "calib.", "quant.", "model.ptq.")
 log = logging.getLogger("pdq")
-
-
-class TensorDataModule:
-    """Calibration images held in memory (and an optional evaluation loader of (image, label) batches)."""
-
-    name = "tensor"
-
-    def __init__(self, images: torch.Tensor, eval_loader: DataLoader | None = None):
-        self.images, self.eval_loader = images, eval_loader
-
-    @property
-    def train_size(self) -> int:
-        return len(self.images)
-
-    def prepare_data(self) -> None:
-        pass
-
-    def setup(self, stage: str | None = None) -> None:
-        pass
-
-    def calibration_set(self, size: int, seed: int) -> torch.Tensor:
-        return self.images[draw_indices(len(self.images), size, seed)]
-
-    def test_dataloader(self) -> DataLoader | None:
-        return self.eval_loader
 
 
 def as_images(calib) -> torch.Tensor:

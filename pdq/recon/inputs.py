@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from pdq.recon.subgraph import between, prefix
 from pdq.recon.units import cut_points, data_path
@@ -26,7 +26,7 @@ class UnitInputs:
     float32: a value computed from a rounded one would differ from a resumed run's)."""
 
     def __init__(self, gm: fx.GraphModule, images: torch.Tensor,
-                 run: Callable[[nn.Module, torch.Tensor, ...], torch.Tensor], chain: bool = True):
+                 run: Callable[..., torch.Tensor], chain: bool = True):
         self.gm, self.images, self.run, self.chain = gm, images, run, chain
         self.nodes = {n.name: n for n in gm.graph.nodes}
         self.cuts = set(cut_points(data_path(gm)))
