@@ -12,8 +12,9 @@ run: deps data
 test: deps data
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
-# pip dependencies (torch/torchvision at matching PyPI versions, lightning, hydra, wandb, pytest ...)
-# and pdq itself in editable mode, unless this checkout's pdq is already importable with them.
+# pip dependencies (torch/torchvision at matching PyPI versions, lightning, hydra, wandb, pytest, onnx and
+# onnxruntime of the export extra ...) and pdq itself in editable mode, unless this checkout's pdq is already
+# importable with them.
 deps:
 	@$(PYTHON) scripts/check_env.py || $(PYTHON) -m pip install -e ".[dev]"
 

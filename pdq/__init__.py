@@ -1,9 +1,10 @@
 """pdq: post-training quantization (PD-Quant, QDrop, BRECQ, AdaRound, RTN) for CNNs.
 
-`pdq.quantize(model, images, method=..., bits=..., **overrides)` is the Python entry point (`pdq.api`)."""
+`pdq.quantize(model, images, method=..., bits=..., **overrides)` is the Python entry point (`pdq.api`);
+`pdq.load(run_dir_or_file, device=...)` gives a finished run's quantized model back (`pdq.export`)."""
 
 __version__ = "0.1.0"
-__all__ = ["quantize"]
+__all__ = ["load", "quantize"]
 
 
 def __getattr__(name: str):
@@ -11,4 +12,8 @@ def __getattr__(name: str):
         from pdq.api import quantize
 
         return quantize
+    if name == "load":
+        from pdq.export.checkpoint import load
+
+        return load
     raise AttributeError(f"module 'pdq' has no attribute {name!r}")

@@ -24,8 +24,8 @@ from pdq.data.tensor import TensorDataModule
 from pdq.errors import PdqError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-#: config groups an override may select by name (`trainer="gpu"`)
-GROUPS = ("trainer", "logger")
+#: config groups an override may select by name (`trainer="gpu"`, `export="onnx"`)
+GROUPS = ("trainer", "logger", "export")
 #: where a plain override name is looked up, in order (`iters` -> method.iters, `size` -> calib.size)
 SEARCH = ("", "method.", "calib.", "quant.", "model.ptq.")
 log = logging.getLogger("pdq")
@@ -130,7 +130,8 @@ def quantize(model: nn.Module, calib, *, method: str = "pdquant", bits: str = "w
     `method.drop_prob=0.5`, `trainer="gpu"`; an unknown name is an error. By default every given image is
     calibration data (calib.size = N, and batch / activation-init sizes at most N). `eval_data`, a loader
     of (image, label) batches, adds FP and quantized top-1. The files of a run (results.json,
-    quantized_model.pt, the CSV log) go to `out_dir`, or to a temporary dir removed afterwards.
+    quantized_model.pt, quantized_int.safetensors, the CSV log; quantized_model.onnx with export="onnx") go to
+    `out_dir`, or to a temporary dir removed afterwards.
     Returns (the quantized torch.fx.GraphModule, the results dict of results.json)."""
     from pdq.distributed import world_size_of
     from pdq.pipeline import execute

@@ -36,6 +36,8 @@ from pdq.context import RunContext
 from pdq.distributed import SINGLE, Dist, session, state_sha256, world_size_of
 from pdq.errors import PdqError, cause, instantiate
 from pdq.evaluate import evaluate
+from pdq.export.checkpoint import INT_FILE, model_identity, save_int
+from pdq.export.onnx import OnnxExport
 from pdq.io import atomic_torch_save, atomic_write_json
 from pdq.models.registry import check_input, check_model_config
 from pdq.quant import apply_layout, quantize_model
@@ -249,6 +251,7 @@ def execute(cfg: DictConfig, model: torch.nn.Module | None = None,
         check_writable(out_dir)
         check_logger(cfg)
         method = instantiate(cfg.method)
+        exporter = instantiate(cfg.export) if cfg.get("export") else None
         datamodule = datamodule if datamodule is not None else instantiate(cfg.data)
         datamodule.prepare_data()  # cheap: the files exist, split sizes
         if cfg.calib.size > datamodule.train_size:
@@ -258,7 +261,7 @@ def execute(cfg: DictConfig, model: torch.nn.Module | None = None,
             if resume_state is not None:
                 log.info("resuming %s after %d finished units", out_dir, len(resume_state["units"]))
             try:
-                return run_ranks(cfg, layout, method, datamodule, out_dir, resume_state, dist, t0, model)
+                return run_ranks(cfg, layout, method, datamodule, out_dir, resume_state, dist, t0, model, exporter)
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     where = f" ({e.filename})" if e.filename else ""
@@ -269,8 +272,10 @@ def execute(cfg: DictConfig, model: torch.nn.Module | None = None,
 
 
 def run_ranks(cfg: DictConfig, layout: BitLayout, method, datamodule, out_dir: Path, resume_state: dict | None,
-              dist: Dist, t0: float, model: torch.nn.Module | None = None) -> tuple[dict, torch.nn.Module]:
-    """Everything after validation, on every rank of a DDP run (once without DDP)."""
+              dist: Dist, t0: float, model: torch.nn.Module | None = None,
+              exporter: OnnxExport | None = None) -> tuple[dict, torch.nn.Module]:
+    """Everything after validation, on every rank of a DDP run (once without DDP). With `export=`, the model the
+    run wrote is exported at its end (tried on the quantized graph first, before the heavy work)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.use_deterministic_algorithms(bool(cfg.trainer.get("deterministic")), warn_only=True)
     device = resolve_device(cfg, dist)
@@ -283,12 +288,16 @@ def run_ranks(cfg: DictConfig, layout: BitLayout, method, datamodule, out_dir: P
         apply_layout(qmodel, table)
         datamodule.setup()
         check_input(model, datamodule.calibration_set(1, cfg.seed)[0].to(device), datamodule.name)
+        if exporter is not None and dist.main:
+            exporter.check(qmodel, list(datamodule.calibration_set(1, cfg.seed).shape[1:]), table)
         results = quantize_and_evaluate(cfg, layout, table, datamodule, model, qmodel, method, logger, device,
                                         out_dir, resume_state, dist)
         results["wall_s"] = round(wall_before + time.time() - t0, 2)
         if dist.main:  # before the logger is finished: a logger failure never loses the results
             atomic_write_json(out_dir / "results.json", results)
             log.info("wrote %s", out_dir / "results.json")
+        if exporter is not None and dist.main:
+            exporter(out_dir, model)
     except BaseException:
         finish_logger(logger, ok=False)
         raise
@@ -395,9 +404,22 @@ def quantize_and_evaluate(cfg, layout, table, datamodule, model, qmodel, method,
             log.error("the ranks ended with different quantized models: %s", results["rank_state_sha256"])
     if dist.main:
         atomic_torch_save(qmodel.state_dict(), out_dir / "quantized_model.pt")
+        results["sizes"] = write_int_checkpoint(cfg, model, qmodel, list(calib.shape[1:]), out_dir, results)
     if logger is not None and test_loader is not None:
         logger.log_metrics({"fp_top1": fp_top1, "quant_top1": quant_top1}, step=sum(u["iters"] for u in units))
     return results
+
+
+def write_int_checkpoint(cfg, model, qmodel, input_shape: list[int], out_dir: Path, results: dict) -> dict:
+    """Write the run's integer checkpoint; returns its size next to the float model's (bytes)."""
+    identity = model_identity(OmegaConf.to_container(cfg.model, resolve=True), model)
+    info = {key: results[key] for key in ("method", "w_bits", "a_bits", "seed", "quant_top1")}
+    path = save_int(qmodel, out_dir / INT_FILE, identity=identity, input_shape=input_shape, info=info)
+    sizes = {"fp32_state_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+             "int_file_bytes": path.stat().st_size}
+    log.info("wrote %s: %.1f KiB (float state dict: %.1f KiB)", path, sizes["int_file_bytes"] / 1024,
+             sizes["fp32_state_bytes"] / 1024)
+    return sizes
 
 
 def _round(value: float | None) -> float | None:

@@ -221,6 +221,18 @@ def test_user_class_from_the_command_line_and_the_same_model_from_python(user_pk
     # the same engine, settings and seed: the same quantized weights as the command line's run
     saved = torch.load(tmp_path / "cli" / "quantized_model.pt")
     assert all(torch.equal(saved[k], v) for k, v in qmodel.state_dict().items())
+    # pdq.load rebuilds the model.target run by itself; the Python-object run needs the architecture again
+    import my_models
+
+    from pdq.export.onnx import export_onnx, onnx_logits, session
+
+    x = calib[:16]
+    with torch.no_grad():
+        assert torch.equal(pdq.load(tmp_path / "cli")(x), qmodel.eval()(x))
+        assert torch.equal(pdq.load(tmp_path / "api", model=my_models.SENet(width=8))(x), qmodel(x))
+        assert torch.allclose(onnx_logits(session(export_onnx(tmp_path / "cli")), x), qmodel(x), atol=1e-3)
+    with pytest.raises(PdqError, match="model=<an instance of the float architecture"):
+        pdq.load(tmp_path / "api")
 
 
 def test_python_api_overrides_and_calibration_inputs(tmp_path):
