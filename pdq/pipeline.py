@@ -39,6 +39,7 @@ from pdq.evaluate import evaluate
 from pdq.export.checkpoint import INT_FILE, model_identity, save_int
 from pdq.export.onnx import OnnxExport
 from pdq.io import atomic_torch_save, atomic_write_json
+from pdq.mixed import MixedLayout
 from pdq.models.registry import check_input, check_model_config
 from pdq.quant import apply_layout, quantize_model
 from pdq.quant.layout import BitLayout
@@ -238,6 +239,8 @@ def execute(cfg: DictConfig, model: torch.nn.Module | None = None,
     t0 = time.time()
     with run_scope():
         layout = validate(cfg, check_model=model is None)
+        if isinstance(layout, MixedLayout):  # a run allocates (pdq-sensitivity may only measure)
+            layout.require_budget()
         done = finished_results(cfg)
         if done is not None:
             log.info("resume=%s: %s already holds this run's results.json (top-1 %s); nothing to do",
@@ -290,6 +293,11 @@ def run_ranks(cfg: DictConfig, layout: BitLayout, method, datamodule, out_dir: P
         check_input(model, datamodule.calibration_set(1, cfg.seed)[0].to(device), datamodule.name)
         if exporter is not None and dist.main:
             exporter.check(qmodel, list(datamodule.calibration_set(1, cfg.seed).shape[1:]), table)
+        if isinstance(layout, MixedLayout):  # quant=mixed: per-layer widths from the sensitivity, then the method
+            layout.choose(qmodel, datamodule.calibration_set(cfg.calib.size, cfg.seed).to(device),
+                          out_dir if dist.main else None)
+            table = layout.resolve(qmodel)
+            apply_layout(qmodel, table)
         results = quantize_and_evaluate(cfg, layout, table, datamodule, model, qmodel, method, logger, device,
                                         out_dir, resume_state, dist)
         results["wall_s"] = round(wall_before + time.time() - t0, 2)

@@ -1,0 +1,69 @@
+"""`pdq-sensitivity [overrides ...] [--out DIR]`: the per-layer sensitivity table on its own (and, with a
+`quant.budget.*`, the allocation), from the same config as `run.py quant=mixed`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from pdq.errors import PdqError
+
+CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
+
+
+def sensitivity_run(overrides: list[str], out: Path | None) -> Path:
+    """Measure (and allocate, with a budget) for the composed config; returns the dir the files went to."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    from pdq.config import resolvers
+    from pdq.errors import instantiate
+    from pdq.mixed.layout import write_sensitivity
+    from pdq.mixed.sensitivity import layer_costs, measure
+    from pdq.pipeline import resolve_device, validate
+    from pdq.quant import apply_layout, quantize_model
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=["quant=mixed", "paths.output_dir=.", *overrides])
+    except HydraException as e:
+        raise PdqError(f"pdq-sensitivity {' '.join(overrides)}: {str(e).splitlines()[0]}") from None
+    with resolvers():
+        layout = validate(cfg)
+        out = out or Path("outputs") / "sensitivity" / f"{cfg.model.name}_s{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
+        device = resolve_device(cfg)
+        model = instantiate(cfg.model).eval().to(device)
+        datamodule = instantiate(cfg.data)
+        datamodule.prepare_data()
+        datamodule.setup()
+        gm = quantize_model(model).to(device)
+        apply_layout(gm, layout.resolve(gm))
+        images = datamodule.calibration_set(cfg.calib.size, cfg.seed).to(device)
+        if layout.budget_key is not None:
+            layout.choose(gm, images, out)
+        else:
+            table = measure(gm, images, weight_bits=layout.candidates, weight_observer=layout.weight_observer,
+                            act_bits=layout.act_candidates, act_observer=layout.act_observer,
+                            temperature=layout.temperature, batch_size=layout.batch_size, skip=set(layout.fixed(gm)))
+            write_sensitivity(out, table, layer_costs(gm, images[:1], layout.resolve(gm)["acts"]), layout.fixed(gm))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pdq-sensitivity", description="Per-layer PD sensitivity (and allocation).")
+    ap.add_argument("overrides", nargs="*", help="config overrides as for run.py: model=..., calib.size=..., "
+                                                 "quant.candidates=[2,4,8], quant.budget.avg_w_bits=3")
+    ap.add_argument("--out", type=Path, help="output dir (default: outputs/sensitivity/<model>_s<seed>_<time>)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    t0 = time.time()
+    try:
+        out = sensitivity_run(args.overrides, args.out)
+    except PdqError as e:
+        print(f"pdq-sensitivity: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{out} ({time.time() - t0:.1f} s)")
+    return 0

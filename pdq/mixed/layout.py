@@ -1,0 +1,136 @@
+"""`quant=mixed`: a bit layout whose per-layer weight widths are chosen from the PD sensitivity under a budget.
+
+`choose` measures the sensitivity of every free layer (the stem and the classifier keep their `quant.layout`
+widths, and so does every layer named in `quant.per_layer`), allocates the widths exactly (`pdq.mixed.allocate`),
+writes the table, heat-map and allocation into the run dir, and puts the widths into `per_layer`, so that the
+run's method quantizes with them. The allocation it writes reproduces the run when passed back as
+`quant.per_layer`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from pdq.checks import check_float
+from pdq.errors import PdqError
+from pdq.io import atomic_write, atomic_write_json
+from pdq.mixed.allocate import BUDGETS, allocate, spent
+from pdq.mixed.sensitivity import layer_costs, measure
+from pdq.quant.graph import stem_and_head
+from pdq.quant.layout import BitLayout
+from pdq.quant.observers import Observer
+from pdq.quant.quantizers import check_bits
+
+log = logging.getLogger("pdq")
+
+
+@dataclass
+class MixedLayout(BitLayout):
+    candidates: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
+    act_candidates: list[int] = field(default_factory=list)
+    budget: dict = field(default_factory=dict)
+    weight_observer: Observer | None = None
+    act_observer: Observer | None = None
+    temperature: float = 1.0
+    batch_size: int = 256
+
+    def __post_init__(self):
+        super().__post_init__()
+        for key in ("candidates", "act_candidates"):
+            values = list(getattr(self, key))
+            for bits in values:
+                try:
+                    check_bits(bits, f"quant.{key}")
+                except ValueError as e:
+                    raise PdqError(str(e)) from None
+            if key == "candidates" and not values:
+                raise PdqError("quant.candidates=[] is not accepted; accepted: one or more widths 2..8 (or 32)")
+            setattr(self, key, sorted(set(values)))
+        unknown = sorted(set(self.budget) - set(BUDGETS))
+        if unknown:
+            raise PdqError(f"quant.budget.{unknown[0]} is unknown; accepted: {', '.join(BUDGETS)}")
+        given = {k: v for k, v in self.budget.items() if v is not None}
+        if len(given) > 1:
+            raise PdqError(f"quant.budget sets {', '.join(given)}; accepted: one of {', '.join(BUDGETS)}")
+        for key, value in given.items():
+            check_float(f"quant.budget.{key}", value, 0, lo_open=True)
+        self.budget_key, self.budget_value = next(iter(given.items()), (None, None))
+        check_float("quant.temperature", self.temperature, 0, lo_open=True)
+
+    def require_budget(self) -> None:
+        if self.budget_key is None:
+            accepted = ", ".join(f"quant.budget.{key}=" for key in BUDGETS)
+            raise PdqError(f"quant=mixed needs a budget; accepted: one of {accepted} (e.g. quant.budget.avg_w_bits=3)")
+
+    def fixed(self, gm: fx.GraphModule) -> dict[str, int]:
+        """The layers whose width is not allocated: the stem and the classifier (quant.layout), and per_layer's."""
+        first, _, last, _ = stem_and_head(gm)
+        table = self.resolve(gm)["weights"]
+        return {name: table[name] for name in {first, last, *self.per_layer} if name in table}
+
+    def choose(self, gm: fx.GraphModule, images: torch.Tensor, out_dir: Path | None) -> dict:
+        """Measure, allocate and set the per-layer widths (module docstring); returns the allocation record."""
+        self.require_budget()
+        fixed = self.fixed(gm)
+        table = measure(gm, images, weight_bits=self.candidates, weight_observer=self.weight_observer,
+                        act_bits=self.act_candidates, act_observer=self.act_observer, temperature=self.temperature,
+                        batch_size=self.batch_size, skip=set(fixed))
+        acts = self.resolve(gm)["acts"]
+        costs = layer_costs(gm, images[:1], acts)
+        sensitivity = table["weights"]
+        widths = allocate({**sensitivity, **{n: {b: 0.0} for n, b in fixed.items()}}, costs, self.budget_key,
+                          self.budget_value, fixed)
+        self.per_layer = {**self.per_layer, **{name: bits for name, bits in widths.items() if name not in fixed}}
+        record = {"budget": {self.budget_key: self.budget_value},
+                  "spent": {key: spent(widths, costs, key) for key in BUDGETS},
+                  "summed_sensitivity": sum(sensitivity[n][widths[n]] for n in sensitivity),
+                  "widths": widths, "per_layer": [f"{n}:{b}" for n, b in self.per_layer.items()]}
+        log.info("quant=mixed under %s=%s: %s", self.budget_key, self.budget_value,
+                 " ".join(f"{n}:{b}" for n, b in widths.items()))
+        log.info("pass it back as: quant.per_layer=[%s]", ",".join(record["per_layer"]))
+        if out_dir is not None:
+            write_sensitivity(out_dir, table, costs, fixed)
+            atomic_write_json(out_dir / "allocation.json", record)
+        return record
+
+
+def write_sensitivity(out_dir: Path, table: dict, costs: dict, fixed: dict[str, int] | None = None) -> list[Path]:
+    """sensitivity.json, sensitivity.csv and the heat-map sensitivity.png (layers x bits) into `out_dir`."""
+    fixed = fixed or {}
+    rows = [{"kind": kind, "name": name, "bits": bits, "pd_loss": loss,
+             **({"numel": costs[name].numel, "macs": costs[name].macs} if kind == "weights" else {})}
+            for kind in ("weights", "acts") for name, row in table[kind].items() for bits, loss in row.items()]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, ["kind", "name", "bits", "pd_loss", "numel", "macs"])
+    writer.writeheader()
+    writer.writerows(rows)
+    written = [atomic_write_json(out_dir / "sensitivity.json", {"fixed": fixed, **{
+        kind: {name: {str(b): v for b, v in row.items()} for name, row in table[kind].items()}
+        for kind in ("weights", "acts")}}), atomic_write(out_dir / "sensitivity.csv", text.getvalue())]
+    return [*written, heat_map(out_dir / "sensitivity.png", table["weights"])]
+
+
+def heat_map(path: Path, weights: dict[str, dict[int, float]]) -> Path:
+    """The PD loss of each layer (rows) at each width (columns), on a log colour scale."""
+    from matplotlib.colors import LogNorm
+
+    from pdq.report.plots import _figure, _png
+
+    names = list(weights)
+    bits = sorted({b for row in weights.values() for b in row})
+    values = [[max(weights[n].get(b, math.nan), 1e-12) for b in bits] for n in names]
+    fig, axes = _figure(1, 1, 2 + 0.8 * len(bits), 1 + 0.22 * len(names))
+    ax = axes[0][0]
+    image = ax.imshow(values, aspect="auto", cmap="viridis", norm=LogNorm())
+    ax.set_xticks(range(len(bits)), [f"W{b}" for b in bits])
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_title("PD loss, only this layer quantized")
+    fig.colorbar(image, ax=ax)
+    return atomic_write(path, _png(fig))

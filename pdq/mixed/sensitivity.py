@@ -1,0 +1,102 @@
+"""Per-layer sensitivity: the prediction-difference (PD) loss of the network with one quantizer at one width.
+
+For each quantized layer and candidate weight width (and optionally each activation quantizer and candidate
+activation width), only that quantizer is on, at that width, with round-to-nearest and the scales of its
+observer (rtn_mse's Lp search); everything else is in full precision. The loss is PD-Quant's
+KL(softmax(z_fp / T) || softmax(z_q / T)) over the calibration set (`pdq.recon.losses.prediction_difference`),
+against FP logits computed once. A quantizer at 32 bits is off, so its sensitivity is exactly 0."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from pdq.mixed.allocate import IMAGE_BITS, LayerCost
+from pdq.quant.graph import act_quant_names, is_act_quant, is_quant_layer, quant_layer_names
+from pdq.quant.observers import Observer
+from pdq.quant.quantizers import FP_BITS, FakeQuantizer
+from pdq.quant.state import full_precision
+from pdq.recon.losses import prediction_difference
+
+
+def _logits(gm: nn.Module, images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [gm(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+
+
+def _pd(gm: nn.Module, images: torch.Tensor, fp: list[torch.Tensor], batch_size: int, temperature: float) -> float:
+    """The PD loss over `images`; exactly 0 where the logits are the FP ones (the KL's float rounding aside)."""
+    total = sum(0.0 if torch.equal(q, f) else prediction_difference(q, f, temperature).item() * len(q)
+                for q, f in zip(_logits(gm, images, batch_size), fp, strict=True))
+    return total / len(images)
+
+
+@torch.no_grad()
+def measure(gm: fx.GraphModule, images: torch.Tensor, *, weight_bits: list[int], weight_observer: Observer,
+            act_bits: list[int] = (), act_observer: Observer | None = None, temperature: float = 1.0,
+            batch_size: int = 256, act_init_size: int = 256,
+            skip: set[str] = frozenset()) -> dict[str, dict[str, dict[int, float]]]:
+    """{"weights": {layer: {bits: PD loss}}, "acts": {quantizer: {bits: PD loss}}} of the quantized graph `gm`
+    (left as it is: the measurement works on a copy) on `images`, for every layer not in `skip`."""
+    g = copy.deepcopy(gm).eval()
+    for q in g.modules():
+        if isinstance(q, FakeQuantizer):
+            q.enabled = False
+    fp = _logits(g, images, batch_size)
+    table = {"weights": {}, "acts": {}}
+    for name in [n for n in quant_layer_names(g) if n not in skip]:
+        layer = g.get_submodule(name)
+        wq, row = layer.weight_quant, {}
+        for bits in weight_bits:
+            wq.bits, wq.enabled = bits, True
+            if bits < FP_BITS:
+                wq.observe(layer.weight, weight_observer)
+            row[bits] = _pd(g, images, fp, batch_size, temperature)
+        wq.enabled = False
+        table["weights"][name] = row
+    for name in act_quant_names(g) if act_bits else []:
+        aq, row = g.get_submodule(name), {}
+        for bits in act_bits:
+            aq.bits, aq.enabled = bits, True
+            if bits < FP_BITS:
+                aq.calibrate_with = act_observer
+                g(images[:act_init_size])
+            row[bits] = _pd(g, images, fp, batch_size, temperature)
+        aq.enabled = False
+        table["acts"][name] = row
+    return table
+
+
+def _input_bits(gm: fx.GraphModule, node: fx.Node, act_bits: dict[str, int]) -> int:
+    """The bits of the activation quantizer that feeds a layer (through pooling, flatten, ...)."""
+    while isinstance(node, fx.Node) and node.op != "placeholder":
+        if is_act_quant(gm, node):
+            return act_bits.get(node.target, FP_BITS)
+        if is_quant_layer(gm, node) or not node.args:
+            return FP_BITS
+        node = node.args[0]
+    return IMAGE_BITS
+
+
+@torch.no_grad()
+def layer_costs(gm: fx.GraphModule, image: torch.Tensor, act_bits: dict[str, int]) -> dict[str, LayerCost]:
+    """Weight count, MACs per image and input bits of every quantized layer (one forward of one image)."""
+    macs, hooks = {}, []
+    for name in quant_layer_names(gm):
+        layer = gm.get_submodule(name)
+        per_output = layer.weight[0].numel()  # in_channels / groups x kernel size, or in_features
+
+        def hook(module, args, out, name=name, per_output=per_output):
+            macs[name] = out[0].numel() * per_output
+
+        hooks.append(layer.register_forward_hook(hook))
+    try:
+        with full_precision(gm):
+            gm(image[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    nodes = {n.target: n for n in gm.graph.nodes if is_quant_layer(gm, n)}
+    return {name: LayerCost(numel=gm.get_submodule(name).weight.numel(), macs=int(macs[name]),
+                            in_bits=_input_bits(gm, nodes[name].args[0], act_bits)) for name in nodes}
