@@ -295,7 +295,7 @@ def run_ranks(cfg: DictConfig, layout: BitLayout, method, datamodule, out_dir: P
             exporter.check(qmodel, list(datamodule.calibration_set(1, cfg.seed).shape[1:]), table)
         if isinstance(layout, MixedLayout):  # quant=mixed: per-layer widths from the sensitivity, then the method
             layout.choose(qmodel, datamodule.calibration_set(cfg.calib.size, cfg.seed).to(device),
-                          out_dir if dist.main else None)
+                          out_dir if dist.main else None, {"calib_size": cfg.calib.size, "seed": cfg.seed})
             table = layout.resolve(qmodel)
             apply_layout(qmodel, table)
         results = quantize_and_evaluate(cfg, layout, table, datamodule, model, qmodel, method, logger, device,

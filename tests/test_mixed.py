@@ -107,9 +107,12 @@ def test_a_mixed_run_is_reproduced_by_its_allocation_passed_back(tmp_path):
 
 
 def test_pdq_sensitivity_writes_the_table_and_names_bad_input(tmp_path, capsys):
-    assert sensitivity_main(["calib.size=32", "calib.act_init_size=32", "quant.weight_observer.grid=8", "quant.candidates=[2,8]",
-                             "quant.act_candidates=[4]", "--out", str(tmp_path)]) == 0
+    assert sensitivity_main(["calib.size=32", "calib.act_init_size=32", "quant.weight_observer.grid=8",
+                             "quant.candidates=[2,8]", "quant.act_candidates=[4]", "--out", str(tmp_path)]) == 0
     table = json.loads((tmp_path / "sensitivity.json").read_text())
+    cfg = compose_config()
+    assert table["settings"] == {"temperature": cfg.model.ptq.temperature, "model": "resnet20_fmnist",
+                                 "calib_size": 32, "seed": cfg.seed}
     gm = quantize_model(build_model("resnet20_fmnist"))
     assert set(table["fixed"]) == {"conv1", "fc"} and len(table["weights"]) == len(quant_layer_names(gm)) - 2
     assert list(table["acts"]) == act_quant_names(gm)

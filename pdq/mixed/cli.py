@@ -42,13 +42,15 @@ def sensitivity_run(overrides: list[str], out: Path | None) -> Path:
         gm = quantize_model(model).to(device)
         apply_layout(gm, layout.resolve(gm))
         images = datamodule.calibration_set(cfg.calib.size, cfg.seed).to(device)
+        settings = {"model": cfg.model.name, "calib_size": cfg.calib.size, "seed": cfg.seed}
         if layout.budget_key is not None:
-            layout.choose(gm, images, out)
+            layout.choose(gm, images, out, settings)
         else:
             table = measure(gm, images, weight_bits=layout.candidates, weight_observer=layout.weight_observer,
                             act_bits=layout.act_candidates, act_observer=layout.act_observer,
                             temperature=layout.temperature, batch_size=layout.batch_size, skip=set(layout.fixed(gm)))
-            write_sensitivity(out, table, layer_costs(gm, images[:1], layout.resolve(gm)["acts"]), layout.fixed(gm))
+            write_sensitivity(out, table, layer_costs(gm, images[:1], layout.resolve(gm)["acts"]), layout.fixed(gm),
+                              {"temperature": layout.temperature, **settings})
     return out
 
 

@@ -75,8 +75,10 @@ class MixedLayout(BitLayout):
         table = self.resolve(gm)["weights"]
         return {name: table[name] for name in {first, last, *self.per_layer} if name in table}
 
-    def choose(self, gm: fx.GraphModule, images: torch.Tensor, out_dir: Path | None) -> dict:
-        """Measure, allocate and set the per-layer widths (module docstring); returns the allocation record."""
+    def choose(self, gm: fx.GraphModule, images: torch.Tensor, out_dir: Path | None,
+               settings: dict | None = None) -> dict:
+        """Measure, allocate and set the per-layer widths (module docstring); returns the allocation record.
+        `settings` (what the images are) go into sensitivity.json with the temperature."""
         self.require_budget()
         fixed = self.fixed(gm)
         table = measure(gm, images, weight_bits=self.candidates, weight_observer=self.weight_observer,
@@ -96,13 +98,15 @@ class MixedLayout(BitLayout):
                  " ".join(f"{n}:{b}" for n, b in widths.items()))
         log.info("pass it back as: quant.per_layer=[%s]", ",".join(record["per_layer"]))
         if out_dir is not None:
-            write_sensitivity(out_dir, table, costs, fixed)
+            write_sensitivity(out_dir, table, costs, fixed, {"temperature": self.temperature, **(settings or {})})
             atomic_write_json(out_dir / "allocation.json", record)
         return record
 
 
-def write_sensitivity(out_dir: Path, table: dict, costs: dict, fixed: dict[str, int] | None = None) -> list[Path]:
-    """sensitivity.json, sensitivity.csv and the heat-map sensitivity.png (layers x bits) into `out_dir`."""
+def write_sensitivity(out_dir: Path, table: dict, costs: dict, fixed: dict[str, int] | None = None,
+                      settings: dict | None = None) -> list[Path]:
+    """sensitivity.json (with the `settings` it was measured with), sensitivity.csv and the heat-map
+    sensitivity.png (layers x bits) into `out_dir`."""
     fixed = fixed or {}
     rows = [{"kind": kind, "name": name, "bits": bits, "pd_loss": loss,
              **({"numel": costs[name].numel, "macs": costs[name].macs} if kind == "weights" else {})}
@@ -111,7 +115,7 @@ def write_sensitivity(out_dir: Path, table: dict, costs: dict, fixed: dict[str, 
     writer = csv.DictWriter(text, ["kind", "name", "bits", "pd_loss", "numel", "macs"])
     writer.writeheader()
     writer.writerows(rows)
-    written = [atomic_write_json(out_dir / "sensitivity.json", {"fixed": fixed, **{
+    written = [atomic_write_json(out_dir / "sensitivity.json", {"settings": settings or {}, "fixed": fixed, **{
         kind: {name: {str(b): v for b, v in row.items()} for name, row in table[kind].items()}
         for kind in ("weights", "acts")}}), atomic_write(out_dir / "sensitivity.csv", text.getvalue())]
     return [*written, heat_map(out_dir / "sensitivity.png", table["weights"])]
