@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from pdq.checks import check_float
+from pdq.checks import check_float, check_int
 from pdq.errors import PdqError
 from pdq.io import atomic_write, atomic_write_json
 from pdq.mixed.allocate import BUDGETS, allocate, spent
@@ -33,13 +33,15 @@ log = logging.getLogger("pdq")
 
 @dataclass
 class MixedLayout(BitLayout):
-    candidates: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
-    act_candidates: list[int] = field(default_factory=list)
-    budget: dict = field(default_factory=dict)
-    weight_observer: Observer | None = None
-    act_observer: Observer | None = None
-    temperature: float = 1.0
-    batch_size: int = 256
+    """A `BitLayout` plus what the allocation needs; every value comes from conf/quant/mixed.yaml."""
+
+    candidates: list[int] = field(kw_only=True)
+    act_candidates: list[int] = field(kw_only=True)
+    budget: dict = field(kw_only=True)
+    weight_observer: Observer = field(kw_only=True)
+    act_observer: Observer = field(kw_only=True)
+    temperature: float = field(kw_only=True)
+    batch_size: int = field(kw_only=True)
 
     def __post_init__(self):
         super().__post_init__()
@@ -63,6 +65,7 @@ class MixedLayout(BitLayout):
             check_float(f"quant.budget.{key}", value, 0, lo_open=True)
         self.budget_key, self.budget_value = next(iter(given.items()), (None, None))
         check_float("quant.temperature", self.temperature, 0, lo_open=True)
+        check_int("quant.batch_size", self.batch_size, 1)
 
     def require_budget(self) -> None:
         if self.budget_key is None:
