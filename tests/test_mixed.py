@@ -82,6 +82,7 @@ def test_quant_mixed_composes_with_every_method(method):
     (["quant.budget.avg_w_bits=-1"], "quant.budget.avg_w_bits=-1"),
     (["quant.budget.avg_w_bits=3", "quant.candidates=[1,4]"], "quant.candidates=1 is not supported"),
     (["++quant.budget.bits=3"], "quant.budget.bits is unknown"),
+    (["quant.budget.avg_w_bits=3", "quant.batch_size=0"], "quant.batch_size=0 is not accepted"),
 ])
 def test_bad_mixed_settings_fail_before_the_work(overrides, message, tmp_path):
     with pytest.raises(PdqError, match=message):
