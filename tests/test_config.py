@@ -10,6 +10,7 @@ from torch import nn
 
 from pdq.config import resolvers
 from pdq.errors import PdqError, instantiate
+from pdq.mixed import MixedLayout
 from pdq.pipeline import close_logger
 from pdq.quant import BitLayout
 
@@ -53,7 +54,10 @@ def test_method_configs(make_cfg, name):
 def test_quant_presets(make_cfg, name):
     layout = instantiate(make_cfg(f"quant={name}").quant, _convert_="all")
     assert isinstance(layout, BitLayout)
-    assert name == f"w{layout.w_bits}a{layout.a_bits}"
+    if name == "mixed":  # widths chosen per layer under a budget, which the run must be given
+        assert isinstance(layout, MixedLayout) and layout.budget_key is None
+    else:
+        assert name == f"w{layout.w_bits}a{layout.a_bits}"
 
 
 def test_data_configs(make_cfg, tmp_path):

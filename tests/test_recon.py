@@ -142,9 +142,9 @@ def test_brecq_runs_two_phases_and_skips_stem_with_brecq_layout(make_cfg, tmp_pa
 
 
 def test_w2a4_reconstruction_beats_round_to_nearest(make_cfg, tmp_path):
-    common = ["model=resnet20_fmnist", "quant=w2a4", "calib.size=256", "logger=none"]
+    common = ["model=resnet20_fmnist", "quant=w2a4", "calib.size=256", "logger=none", "data.eval_subset=2000"]
     rtn = run(make_cfg(*common, "method=rtn_mse", f"paths.output_dir={tmp_path / 'rtn'}"))
-    rec = run(make_cfg(*common, "method=qdrop", "method.iters=150", f"paths.output_dir={tmp_path / 'rec'}"))
+    rec = run(make_cfg(*common, "method=qdrop", "method.iters=100", f"paths.output_dir={tmp_path / 'rec'}"))
     assert rec["quant_top1"] > rtn["quant_top1"] + 1.0, (rec["quant_top1"], rtn["quant_top1"])
 
 
