@@ -40,6 +40,7 @@ from pdq.export.checkpoint import INT_FILE, model_identity, save_int
 from pdq.export.onnx import OnnxExport
 from pdq.io import atomic_torch_save, atomic_write_json
 from pdq.mixed import MixedLayout
+from pdq.mixed.sensitivity import model_cost
 from pdq.models.registry import check_input, check_model_config
 from pdq.quant import apply_layout, quantize_model
 from pdq.quant.layout import BitLayout
@@ -404,6 +405,9 @@ def quantize_and_evaluate(cfg, layout, table, datamodule, model, qmodel, method,
         "unit_table": unit_table, "units": units, "layout": {"preset": layout.layout, **table},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    results["cost"] = model_cost(qmodel, calib[:1].to(device), table)  # weight bits, MiB and BOPs (the report)
+    if isinstance(layout, MixedLayout):
+        results["mixed"] = {"budget": {layout.budget_key: layout.budget_value}}
     results["world_size"] = dist.world_size
     results["peak_mib_per_rank"] = dist.gather(peak_memory_mib(device))
     if dist.enabled:  # every rank must end with the same quantized model (all-reduced gradients)

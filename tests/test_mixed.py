@@ -96,6 +96,7 @@ def test_a_mixed_run_is_reproduced_by_its_allocation_passed_back(tmp_path):
     record = json.loads((tmp_path / "mixed" / "allocation.json").read_text())
     assert record["spent"]["avg_w_bits"] <= 3 and {b for b in record["widths"].values()} <= {2, 4, 8}
     assert mixed["layout"]["weights"] == record["widths"]
+    assert mixed["mixed"] == {"budget": {"avg_w_bits": 3}} and mixed["cost"] == pytest.approx(record["spent"])
     rows = (tmp_path / "mixed" / "sensitivity.csv").read_text().splitlines()
     assert len(rows) == 1 + 3 * (len(record["widths"]) - 2)  # free layers x 3 candidates (stem and fc fixed)
     assert (tmp_path / "mixed" / "sensitivity.png").stat().st_size > 1000

@@ -18,6 +18,7 @@ from pdq.report import (
     main,
     old_components,
     paper_table,
+    pareto_series,
     plot_curves,
     read_curves,
     table1,
@@ -332,9 +333,16 @@ def test_real_multirun_table_cells_plots_and_failed_job(tiny_multirun, capsys):
     curves = read_curves(qdrop_job / "csv" / "metrics.csv")
     units = json.loads((qdrop_job / "results.json").read_text())["units"]
     assert [name for _, _, name in sorted(curves["loss"])] == [u["name"] for u in units]
-    for png in (out / "top1.png", out / f"curves_{qdrop_job.name}.png"):
+    for png in (out / "top1.png", out / f"curves_{qdrop_job.name}.png", out / "pareto.png"):
         data = png.read_bytes()
         assert data[:8] == PNG and len(data) > 5000
+    series = pareto_series([{**r, "_label": r["method"]} for r in results])
+    assert set(series) == {("resnet20_fmnist", "rtn_minmax"), ("resnet20_fmnist", "qdrop")}
+    for (_, method), points in series.items():
+        tops = [r["quant_top1"] for r in results if r["method"] == method]
+        (mib, gbops, mean, std), = points  # one bit setting: one point at the layout's size and BOPs
+        assert (mean, std) == pytest.approx((statistics.mean(tops), statistics.stdev(tops)))
+        assert mib == results[0]["cost"]["size_mib"] and 4 < results[0]["cost"]["avg_w_bits"] < 8  # stem, fc at 8
 
 
 def test_console_script_and_module_entry_point(tmp_path):

@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import fx, nn
 
-from pdq.mixed.allocate import IMAGE_BITS, LayerCost
+from pdq.mixed.allocate import BUDGETS, IMAGE_BITS, LayerCost, spent
 from pdq.quant.graph import act_quant_names, is_act_quant, is_quant_layer, quant_layer_names
 from pdq.quant.observers import Observer
 from pdq.quant.quantizers import FP_BITS, FakeQuantizer
@@ -100,3 +100,9 @@ def layer_costs(gm: fx.GraphModule, image: torch.Tensor, act_bits: dict[str, int
     nodes = {n.target: n for n in gm.graph.nodes if is_quant_layer(gm, n)}
     return {name: LayerCost(numel=gm.get_submodule(name).weight.numel(), macs=int(macs[name]),
                             in_bits=_input_bits(gm, nodes[name].args[0], act_bits)) for name in nodes}
+
+
+def model_cost(gm: fx.GraphModule, image: torch.Tensor, table: dict[str, dict[str, int]]) -> dict[str, float]:
+    """What the bit layout `table` costs under every budget kind (avg_w_bits, size_mib, bops), for the report."""
+    costs = layer_costs(gm, image, table["acts"])
+    return {key: spent(table["weights"], costs, key) for key in BUDGETS}

@@ -12,7 +12,7 @@ from pathlib import Path
 from pdq.io import atomic_write
 from pdq.report.collect import collect, missing_lines
 from pdq.report.labels import label_runs
-from pdq.report.plots import plot_curves, plot_top1
+from pdq.report.plots import plot_curves, plot_pareto, plot_top1
 from pdq.report.tables import ablation_table, by_model, csv_text, paper_table, table1
 
 LAYOUTS = ["by_model", "paper", "ablation", "table1"]
@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     notes = []
     if results:
         written.append(atomic_write(out / "top1.png", plot_top1(results)))
+        pareto = plot_pareto(results)
+        if pareto is not None:
+            written.append(atomic_write(out / "pareto.png", pareto))
     for run in map(Path, args.curves):
         png = plot_curves(run)
         if png is None:

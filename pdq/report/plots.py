@@ -1,4 +1,5 @@
-"""The plots: `top1.png` (top-1 per model, method and bit setting) and `curves_<run>.png` (per-unit losses)."""
+"""The plots: `top1.png` (top-1 per model, method and bit setting), `pareto.png` (top-1 against weight size and
+BOPs, uniform and mixed precision) and `curves_<run>.png` (per-unit losses)."""
 
 from __future__ import annotations
 
@@ -73,6 +74,41 @@ def plot_top1(results: list[dict]) -> bytes:
             handles.setdefault(lab, handle)
     fig.legend(list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, 0.0),
                ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    return _png(fig)
+
+
+def pareto_series(results: list[dict]) -> dict[tuple[str, str], list[tuple[float, float, float, float]]]:
+    """{(model, series): [(MiB, GBOPs, mean top-1, std) per bit setting or budget, by size]}; a series is a run
+    label, with ` (mixed)` for quant=mixed runs. Runs without `cost` (older pdq) are left out."""
+    runs = [r for r in results if r.get("cost") and r.get("quant_top1") is not None]
+    series = defaultdict(list)
+    cells = group(runs, lambda r: r["model"], lambda r: r["_label"] + (" (mixed)" if r.get("mixed") else ""),
+                  lambda r: str(r.get("mixed", {}).get("budget")) if r.get("mixed") else bits(r))
+    for (model, name, _), cell_runs in cells.items():
+        mean, std, _ = stats(cell_runs)
+        series[(model, name)].append((statistics.mean(r["cost"]["size_mib"] for r in cell_runs),
+                                      statistics.mean(r["cost"]["bops"] for r in cell_runs) / 1e9, mean, std or 0.0))
+    return {key: sorted(points) for key, points in series.items()}
+
+
+def plot_pareto(results: list[dict]) -> bytes | None:
+    """Top-1 against weight MiB (left) and GBOPs (right), one row per model; None without runs that record cost."""
+    series = pareto_series(results)
+    if not series:
+        return None
+    models = sorted({model for model, _ in series}, key=model_key)
+    fig, axes = _figure(len(models), 2, 5.0, 3.6)
+    for row, model in zip(axes, models):
+        for name in sorted(name for m, name in series if m == model):
+            points = series[(model, name)]
+            for ax, x in zip(row, (0, 1)):
+                ax.errorbar([p[x] for p in points], [p[2] for p in points], yerr=[p[3] for p in points],
+                            marker="o", ms=4, capsize=2, ls="--" if name.endswith("(mixed)") else "-", label=name)
+        for ax, xlabel in zip(row, ("weight codes (MiB)", "GBOPs (MACs x w bits x a bits)")):
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("top-1 (%)")
+            ax.set_title(model, fontsize=9)
+        row[0].legend(fontsize=7)
     return _png(fig)
 
 
