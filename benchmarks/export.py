@@ -50,11 +50,11 @@ def quantized_run(run_dir: Path, model: str, method: str, bits: str, args) -> di
     return run(cfg)
 
 
-def parity_row(run_dir: Path, results: dict, x, y, head_step) -> dict:
+def parity_row(run_dir: Path, results: dict, x, y) -> dict:
     import torch
 
     import pdq
-    from pdq.export.onnx import export_onnx, onnx_logits, session
+    from pdq.export.onnx import export_onnx, head_step, onnx_logits, session
 
     t0 = time.time()
     path = export_onnx(run_dir)
@@ -76,14 +76,6 @@ def parity_row(run_dir: Path, results: dict, x, y, head_step) -> dict:
         row["ort_fused_top1"] = round(100 * (fused.argmax(1) == y).float().mean().item(), 2)
         row["fused_max_logit_diff"] = round((ours - fused).abs().max().item(), 6)
     return row
-
-
-def head_step(model) -> float:
-    from pdq.quant.graph import stem_and_head
-
-    _, _, last, last_in = stem_and_head(model)
-    fc = model.get_submodule(last)
-    return float(model.get_submodule(last_in).scale) * fc.weight_quant(fc.weight).abs().sum(1).max().item()
 
 
 def latency_ms(sess, batch, reps: int) -> float:
@@ -175,7 +167,7 @@ def main() -> None:
                 for method in args.methods:
                     run_dir = args.out.parent / "runs" / f"{model}_{method}_{bits}"
                     results = quantized_run(run_dir, model, method, bits, args)
-                    out["parity"].append(parity_row(run_dir, results, x, y, head_step))
+                    out["parity"].append(parity_row(run_dir, results, x, y))
                     print(json.dumps(out["parity"][-1]), flush=True)
                     atomic_write_json(args.out, out)
     if "latency" in args.parts:

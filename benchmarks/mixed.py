@@ -56,7 +56,7 @@ def additivity(model: str, run_dir: Path) -> list[dict]:
     from pdq.mixed.allocate import LayerCost, allocate
     from pdq.mixed.sensitivity import _logits, _pd
     from pdq.models import build_model
-    from pdq.quant import LpObserver, quantize_model
+    from pdq.quant import quantize_model
     from pdq.quant.quantizers import FakeQuantizer
 
     table = json.loads((run_dir / "sensitivity.json").read_text())
@@ -68,6 +68,12 @@ def additivity(model: str, run_dir: Path) -> list[dict]:
     dm.setup()
     settings = table["settings"]
     images = dm.calibration_set(settings["calib_size"], settings["seed"])
+    from hydra import compose, initialize_config_dir
+
+    from pdq.errors import instantiate
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        observer = instantiate(compose("config", overrides=["quant=mixed"]).quant.weight_observer)
     gm = quantize_model(build_model(model)).eval()
     costs = {n: LayerCost(gm.get_submodule(n).weight.numel(), 0, 8) for n in [*sens, *table["fixed"]]}
     g = copy.deepcopy(gm)
@@ -85,7 +91,7 @@ def additivity(model: str, run_dir: Path) -> list[dict]:
             if name in sens:
                 wq = trial.get_submodule(name).weight_quant
                 wq.bits, wq.enabled = bits, True
-                wq.observe(trial.get_submodule(name).weight, LpObserver(p=2.4, grid=100))
+                wq.observe(trial.get_submodule(name).weight, observer)  # the sensitivity's own observer
         with torch.no_grad():
             measured = _pd(trial, images, fp, 256, settings["temperature"])
         rows.append({"model": model, "avg_w_bits": budget, "summed": sum(sens[n][widths[n]] for n in sens),

@@ -291,16 +291,19 @@ def run_ranks(cfg: DictConfig, layout: BitLayout, method, datamodule, out_dir: P
         table = layout.resolve(qmodel)
         apply_layout(qmodel, table)
         datamodule.setup()
-        check_input(model, datamodule.calibration_set(1, cfg.seed)[0].to(device), datamodule.name)
+        sample = datamodule.calibration_set(1, cfg.seed)
+        check_input(model, sample[0].to(device), datamodule.name)
         if exporter is not None and dist.main:
-            exporter.check(qmodel, list(datamodule.calibration_set(1, cfg.seed).shape[1:]), table)
+            exporter.check(qmodel, list(sample.shape[1:]), table)
+        calib = None
         if isinstance(layout, MixedLayout):  # quant=mixed: per-layer widths from the sensitivity, then the method
-            layout.choose(qmodel, datamodule.calibration_set(cfg.calib.size, cfg.seed).to(device),
-                          out_dir if dist.main else None, {"calib_size": cfg.calib.size, "seed": cfg.seed})
+            calib = datamodule.calibration_set(cfg.calib.size, cfg.seed)
+            layout.choose(qmodel, calib.to(device), out_dir if dist.main else None,
+                          {"calib_size": cfg.calib.size, "seed": cfg.seed})
             table = layout.resolve(qmodel)
             apply_layout(qmodel, table)
         results = quantize_and_evaluate(cfg, layout, table, datamodule, model, qmodel, method, logger, device,
-                                        out_dir, resume_state, dist)
+                                        out_dir, resume_state, dist, calib)
         results["wall_s"] = round(wall_before + time.time() - t0, 2)
         if dist.main:  # before the logger is finished: a logger failure never loses the results
             atomic_write_json(out_dir / "results.json", results)
@@ -369,7 +372,9 @@ def fp_accuracy(cfg, model, test_loader, device, dist: Dist = SINGLE) -> float:
 
 
 def quantize_and_evaluate(cfg, layout, table, datamodule, model, qmodel, method, logger, device, out_dir,
-                          resume_state, dist: Dist = SINGLE) -> dict:
+                          resume_state, dist: Dist = SINGLE, calib: torch.Tensor | None = None) -> dict:
+    """Quantize `qmodel` with `method` on the calibration set (`calib` when it was drawn already), evaluate, and
+    write the model files; returns results.json's content (without wall_s)."""
     log.info("model=%s data=%s method=%s W%dA%d layout=%s seed=%d device=%s", cfg.model.name,
              datamodule.name, method.name, layout.w_bits, layout.a_bits, layout.layout, cfg.seed, device)
     test_loader = datamodule.test_dataloader()
@@ -377,7 +382,7 @@ def quantize_and_evaluate(cfg, layout, table, datamodule, model, qmodel, method,
         log.info("data=%s has no evaluation set: top-1 is not measured", datamodule.name)
     fp_top1 = fp_accuracy(cfg, model, test_loader, device, dist) if test_loader is not None else None
 
-    calib = datamodule.calibration_set(cfg.calib.size, cfg.seed)
+    calib = calib if calib is not None else datamodule.calibration_set(cfg.calib.size, cfg.seed)
     ctx = RunContext(device=device, seed=cfg.seed, batch_size=cfg.calib.batch_size,
                      act_init_size=cfg.calib.act_init_size, cache_dtype=getattr(torch, cfg.calib.cache_dtype),
                      channels_last=cfg.calib.channels_last,

@@ -25,12 +25,11 @@ from pdq.data.fashion_mnist import FashionMNISTDataModule
 from pdq.errors import PdqError
 from pdq.export.checkpoint import INT_FILE, load_with_meta, save_int
 from pdq.export.cli import main as export_main
-from pdq.export.onnx import ONNX_FILE, export_onnx, onnx_logits, session
+from pdq.export.onnx import ONNX_FILE, export_onnx, head_step, onnx_logits, session
 from pdq.export.pack import pack, packed_size, unpack
 from pdq.models import build_model
 from pdq.pipeline import run
 from pdq.quant import MinMaxObserver, apply_layout, calibrate_activations, calibrate_weights, quantize_model
-from pdq.quant.graph import stem_and_head
 from pdq.quant.layout import BitLayout
 from pdq.recon.engine import STATE_FILE
 from tests.conftest import ROOT, compose_config
@@ -55,12 +54,6 @@ def rtn(name: str, w: int, a: int, calib: torch.Tensor, per_layer=()) -> torch.f
     calibrate_weights(gm, MinMaxObserver())
     calibrate_activations(gm, calib, MinMaxObserver())
     return gm.eval()
-
-
-def head_step(gm) -> float:
-    _, _, last, last_in = stem_and_head(gm)
-    fc = gm.get_submodule(last)
-    return float(gm.get_submodule(last_in).scale) * fc.weight_quant(fc.weight).abs().sum(1).max().item()
 
 
 def assert_parity(gm, path: Path, x: torch.Tensor) -> None:

@@ -32,7 +32,7 @@ from pdq.export.checkpoint import load_with_meta, weight_codes
 from pdq.export.pack import pack
 from pdq.io import atomic_write
 from pdq.quant.fold import _set_submodule
-from pdq.quant.graph import act_quant_names, quant_layer_names
+from pdq.quant.graph import act_quant_names, quant_layer_names, stem_and_head
 from pdq.quant.quantizers import FP_BITS, FakeQuantizer
 
 ONNX_FILE = "quantized_model.onnx"
@@ -330,6 +330,14 @@ def session(path: str | Path, threads: int | None = None, fuse: bool = False):
         options.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=["ClipQuantRewrite"])
+
+
+def head_step(gm: fx.GraphModule) -> float:
+    """How far one quantization step of every element of the classifier's input can move a logit:
+    s_in * max_j sum_i |W_ji| (the unit of the parity tolerance)."""
+    _, _, last, last_in = stem_and_head(gm)
+    fc = gm.get_submodule(last)
+    return float(gm.get_submodule(last_in).scale) * fc.weight_quant(fc.weight).abs().sum(1).max().item()
 
 
 def onnx_logits(sess, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
