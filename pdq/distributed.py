@@ -126,6 +126,11 @@ def state_sha256(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def compute_tag(device: torch.device) -> str:
+    """What float results depend on besides the inputs: the GPU model, or the CPU thread count (cache keys)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+
+
 def world_size_of(trainer_cfg) -> int:
     """Processes a trainer config asks for (devices x num_nodes); a clear error for what DDP can't run."""
     strategy = trainer_cfg.get("strategy", "auto")

@@ -299,7 +299,7 @@ def run_ranks(cfg: DictConfig, layout: BitLayout, method, datamodule, out_dir: P
         if isinstance(layout, MixedLayout):  # quant=mixed: per-layer widths from the sensitivity, then the method
             calib = datamodule.calibration_set(cfg.calib.size, cfg.seed)
             layout.choose(qmodel, calib.to(device), out_dir if dist.main else None,
-                          {"calib_size": cfg.calib.size, "seed": cfg.seed})
+                          {"calib_size": cfg.calib.size, "seed": cfg.seed}, cfg.paths.get("cache_dir"))
             table = layout.resolve(qmodel)
             apply_layout(qmodel, table)
         results = quantize_and_evaluate(cfg, layout, table, datamodule, model, qmodel, method, logger, device,
@@ -375,8 +375,8 @@ def quantize_and_evaluate(cfg, layout, table, datamodule, model, qmodel, method,
                           resume_state, dist: Dist = SINGLE, calib: torch.Tensor | None = None) -> dict:
     """Quantize `qmodel` with `method` on the calibration set (`calib` when it was drawn already), evaluate, and
     write the model files; returns results.json's content (without wall_s)."""
-    log.info("model=%s data=%s method=%s W%dA%d layout=%s seed=%d device=%s", cfg.model.name,
-             datamodule.name, method.name, layout.w_bits, layout.a_bits, layout.layout, cfg.seed, device)
+    log.info("model=%s data=%s method=%s %s layout=%s seed=%d device=%s", cfg.model.name,
+             datamodule.name, method.name, layout.label, layout.layout, cfg.seed, device)
     test_loader = datamodule.test_dataloader()
     if test_loader is None:
         log.info("data=%s has no evaluation set: top-1 is not measured", datamodule.name)
@@ -397,8 +397,7 @@ def quantize_and_evaluate(cfg, layout, table, datamodule, model, qmodel, method,
     quant_top1 = None
     if test_loader is not None:
         quant_top1 = evaluate(qmodel, test_loader, device, desc="quant eval", dist=dist)
-        log.info("%s W%dA%d top-1: %.2f%% (FP %.2f%%)", method.name, layout.w_bits, layout.a_bits, quant_top1,
-                 fp_top1)
+        log.info("%s %s top-1: %.2f%% (FP %.2f%%)", method.name, layout.label, quant_top1, fp_top1)
 
     results = {
         "model": cfg.model.name, "dataset": datamodule.name, "method": method.name,

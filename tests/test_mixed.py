@@ -68,6 +68,27 @@ def test_sensitivity_is_zero_at_32_bits_and_grows_as_the_width_shrinks():
     assert not any(bool(q.initialized) for q in gm.modules() if isinstance(q, FakeQuantizer))  # measured on a copy
 
 
+def test_sensitivity_cache_returns_the_measured_table_and_misses_on_any_other_setting(tmp_path, monkeypatch):
+    import pdq.mixed.sensitivity as sensitivity
+
+    gm = quantize_model(build_model("resnet20_fmnist"))
+    images = torch.randn(16, 1, 28, 28)
+    settings = {"weight_bits": [2, 4], "weight_observer": MinMaxObserver(), "batch_size": 16, "skip": {"conv1"}}
+    calls = []
+    monkeypatch.setattr(sensitivity, "measure", lambda *a, **k: calls.append(k) or measure(*a, **k))
+    table = sensitivity.measure_cached(tmp_path, gm, images, **settings)
+    entry, = (tmp_path / "sensitivity").glob("*.json")
+    assert sensitivity.measure_cached(tmp_path, gm, images, **settings) == table and len(calls) == 1  # bit for bit
+    assert "conv1" not in table["weights"] and all(set(row) == {2, 4} for row in table["weights"].values())
+    sensitivity.measure_cached(tmp_path, gm, images, **{**settings, "temperature": 2.0})
+    sensitivity.measure_cached(tmp_path, gm, images[:8], **settings)
+    assert len(calls) == 3 and len(list((tmp_path / "sensitivity").glob("*.json"))) == 3
+    entry.write_text("{not json")  # a broken entry is measured again and rewritten
+    assert sensitivity.measure_cached(tmp_path, gm, images, **settings) == table and len(calls) == 4
+    assert sensitivity.measure_cached(tmp_path, gm, images, **settings) == table and len(calls) == 4
+    assert sensitivity.measure_cached(None, gm, images, **settings) == table and len(calls) == 5  # no cache
+
+
 @pytest.mark.parametrize("method", sorted(p.stem for p in (CONF / "method").glob("[!_]*.yaml")))
 def test_quant_mixed_composes_with_every_method(method):
     cfg = compose_config("quant=mixed", "quant.budget.size_mib=0.1", f"method={method}")
@@ -90,7 +111,8 @@ def test_bad_mixed_settings_fail_before_the_work(overrides, message, tmp_path):
     assert not (tmp_path / "sensitivity.csv").exists()
 
 
-def test_a_mixed_run_is_reproduced_by_its_allocation_passed_back(tmp_path):
+def test_a_mixed_run_is_reproduced_by_its_allocation_passed_back(tmp_path, caplog):
+    caplog.set_level("INFO", logger="pdq")
     mixed = run(compose_config("quant=mixed", "quant.budget.avg_w_bits=3", "method=rtn_mse", *QUICK,
                                f"paths.output_dir={tmp_path}/mixed", f"paths.cache_dir={tmp_path}/cache"))
     record = json.loads((tmp_path / "mixed" / "allocation.json").read_text())
@@ -100,6 +122,13 @@ def test_a_mixed_run_is_reproduced_by_its_allocation_passed_back(tmp_path):
     rows = (tmp_path / "mixed" / "sensitivity.csv").read_text().splitlines()
     assert len(rows) == 1 + 3 * (len(record["widths"]) - 2)  # free layers x 3 candidates (stem and fc fixed)
     assert (tmp_path / "mixed" / "sensitivity.png").stat().st_size > 1000
+    assert "rtn_mse mixed avg_w_bits=3 A4 top-1" in caplog.text  # not W4A4, its width before the allocation
+    # another budget on the same model and images reads the table from the cache
+    other = run(compose_config("quant=mixed", "quant.budget.avg_w_bits=4", "method=rtn_mse", *QUICK,
+                               f"paths.output_dir={tmp_path}/other", f"paths.cache_dir={tmp_path}/cache"))
+    assert caplog.text.count("sensitivity: cached in") == 1 and other["cost"]["avg_w_bits"] > 3
+    table = json.loads((tmp_path / "mixed" / "sensitivity.json").read_text())
+    assert json.loads((tmp_path / "other" / "sensitivity.json").read_text())["weights"] == table["weights"]
     per_layer = "[" + ",".join(record["per_layer"]) + "]"
     run(compose_config("quant=w4a4", f"quant.per_layer={per_layer}", "method=rtn_mse", *QUICK[:4],
                        f"paths.output_dir={tmp_path}/again", f"paths.cache_dir={tmp_path}/cache"))

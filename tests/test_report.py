@@ -76,6 +76,23 @@ def test_cells_are_mean_and_std_over_seeds_and_missing_jobs_are_listed(tmp_path,
     assert not [p for p in report.iterdir() if p.name.startswith(".")]  # no temp files left by atomic writes
 
 
+def test_mixed_runs_are_columns_of_their_budget_not_of_their_w_bits(tmp_path):
+    write_job(tmp_path, "0", quant_top1=60.0, seed=1, w_bits=4)
+    for i, top1 in enumerate([70.0, 72.0]):  # a mixed run's w_bits is its width before the allocation
+        write_job(tmp_path, f"m{i}", quant_top1=top1, seed=i, w_bits=4, mixed={"budget": {"avg_w_bits": 2.5}})
+    write_job(tmp_path, "m2", quant_top1=80.0, seed=1, w_bits=4, mixed={"budget": {"avg_w_bits": 10}})
+    write_job(tmp_path, "m3", quant_top1=75.0, seed=1, w_bits=4, mixed={"budget": {"size_mib": 0.05}})
+    assert main([str(tmp_path)]) == 0
+    table = (tmp_path / "report" / "table.md").read_text()
+    assert "| qdrop | 60.00 (n=1) |" in section(table, "W4A4")
+    assert f"| qdrop | 71.00±{statistics.stdev([70, 72]):.2f} (n=2) |" in section(table, "mixed avg_w_bits=2.5 A4")
+    assert "| qdrop | 75.00 (n=1) |" in section(table, "mixed size_mib=0.05 A4")
+    header = next(line for line in (tmp_path / "report" / "by_model.md").read_text().splitlines()
+                  if line.startswith("| method"))
+    assert header.index("W4A4") < header.index("avg_w_bits=2.5") < header.index("avg_w_bits=10") \
+        < header.index("size_mib=0.05")  # uniform first, then budgets by kind and value
+
+
 def test_table3_layout_has_the_papers_model_columns_and_method_rows(tmp_path):
     """Models as the paper's Table 3 orders them (not by name), other models after them; methods in paper order."""
     models = ["mnasnet_x2", "zoo_net", "resnet50_brecq", "regnetx_600m", "resnet18_brecq", "mobilenetv2_brecq",

@@ -22,7 +22,7 @@ def sensitivity_run(overrides: list[str], out: Path | None) -> Path:
     from pdq.config import resolvers
     from pdq.errors import instantiate
     from pdq.mixed.layout import write_sensitivity
-    from pdq.mixed.sensitivity import layer_costs, measure
+    from pdq.mixed.sensitivity import layer_costs
     from pdq.pipeline import resolve_device, validate
     from pdq.quant import apply_layout, quantize_model
 
@@ -43,13 +43,12 @@ def sensitivity_run(overrides: list[str], out: Path | None) -> Path:
         apply_layout(gm, layout.resolve(gm))
         images = datamodule.calibration_set(cfg.calib.size, cfg.seed).to(device)
         settings = {"model": cfg.model.name, "calib_size": cfg.calib.size, "seed": cfg.seed}
+        cache_dir = cfg.paths.get("cache_dir")
         if layout.budget_key is not None:
-            layout.choose(gm, images, out, settings)
+            layout.choose(gm, images, out, settings, cache_dir)
         else:
-            table = measure(gm, images, weight_bits=layout.candidates, weight_observer=layout.weight_observer,
-                            act_bits=layout.act_candidates, act_observer=layout.act_observer,
-                            temperature=layout.temperature, batch_size=layout.batch_size, skip=set(layout.fixed(gm)))
-            write_sensitivity(out, table, layer_costs(gm, images[:1], layout.resolve(gm)["acts"]), layout.fixed(gm),
+            write_sensitivity(out, layout.sensitivity(gm, images, cache_dir),
+                              layer_costs(gm, images[:1], layout.resolve(gm)["acts"]), layout.fixed(gm),
                               {"temperature": layout.temperature, **settings})
     return out
 

@@ -22,7 +22,7 @@ from pdq.checks import check_float, check_int
 from pdq.errors import PdqError
 from pdq.io import atomic_write, atomic_write_json
 from pdq.mixed.allocate import BUDGETS, allocate, spent
-from pdq.mixed.sensitivity import layer_costs, measure
+from pdq.mixed.sensitivity import layer_costs, measure_cached
 from pdq.quant.graph import stem_and_head
 from pdq.quant.layout import BitLayout
 from pdq.quant.observers import Observer
@@ -67,6 +67,12 @@ class MixedLayout(BitLayout):
         check_float("quant.temperature", self.temperature, 0, lo_open=True)
         check_int("quant.batch_size", self.batch_size, 1)
 
+    @property
+    def label(self) -> str:
+        """The bit setting in logs, as the report's column: `mixed avg_w_bits=3 A4` (w_bits is not the width)."""
+        budget = f" {self.budget_key}={self.budget_value:g}" if self.budget_key else ""
+        return f"mixed{budget} A{self.a_bits}"
+
     def require_budget(self) -> None:
         if self.budget_key is None:
             accepted = ", ".join(f"quant.budget.{key}=" for key in BUDGETS)
@@ -78,15 +84,20 @@ class MixedLayout(BitLayout):
         table = self.resolve(gm)["weights"]
         return {name: table[name] for name in {first, last, *self.per_layer} if name in table}
 
+    def sensitivity(self, gm: fx.GraphModule, images: torch.Tensor, cache_dir: str | Path | None = None) -> dict:
+        """The sensitivity table of every layer but the fixed ones (`measure_cached` with this layout's settings)."""
+        return measure_cached(cache_dir, gm, images, weight_bits=self.candidates, weight_observer=self.weight_observer,
+                              act_bits=self.act_candidates, act_observer=self.act_observer,
+                              temperature=self.temperature, batch_size=self.batch_size, skip=set(self.fixed(gm)))
+
     def choose(self, gm: fx.GraphModule, images: torch.Tensor, out_dir: Path | None,
-               settings: dict | None = None) -> dict:
-        """Measure, allocate and set the per-layer widths (module docstring); returns the allocation record.
-        `settings` (what the images are) go into sensitivity.json with the temperature."""
+               settings: dict | None = None, cache_dir: str | Path | None = None) -> dict:
+        """Measure (or read the table from `cache_dir`), allocate and set the per-layer widths (module docstring);
+        returns the allocation record. `settings` (what the images are) go into sensitivity.json with the
+        temperature."""
         self.require_budget()
         fixed = self.fixed(gm)
-        table = measure(gm, images, weight_bits=self.candidates, weight_observer=self.weight_observer,
-                        act_bits=self.act_candidates, act_observer=self.act_observer, temperature=self.temperature,
-                        batch_size=self.batch_size, skip=set(fixed))
+        table = self.sensitivity(gm, images, cache_dir)
         acts = self.resolve(gm)["acts"]
         costs = layer_costs(gm, images[:1], acts)
         sensitivity = table["weights"]

@@ -4,21 +4,32 @@ For each quantized layer and candidate weight width (and optionally each activat
 activation width), only that quantizer is on, at that width, with round-to-nearest and the scales of its
 observer (rtn_mse's Lp search); everything else is in full precision. The loss is PD-Quant's
 KL(softmax(z_fp / T) || softmax(z_q / T)) over the calibration set (`pdq.recon.losses.prediction_difference`),
-against FP logits computed once. A quantizer at 32 bits is off, so its sensitivity is exactly 0."""
+against FP logits computed once. A quantizer at 32 bits is off, so its sensitivity is exactly 0.
+
+`measure_cached` keeps a table under `paths.cache_dir`, so that the jobs of a budget sweep measure once per model
+and calibration set."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import logging
+from pathlib import Path
 
 import torch
 from torch import fx, nn
 
+from pdq.distributed import compute_tag, state_sha256
+from pdq.io import atomic_write_json
 from pdq.mixed.allocate import BUDGETS, IMAGE_BITS, LayerCost, spent
 from pdq.quant.graph import act_quant_names, is_act_quant, is_quant_layer, quant_layer_names
 from pdq.quant.observers import Observer
 from pdq.quant.quantizers import FP_BITS, FakeQuantizer
 from pdq.quant.state import full_precision
 from pdq.recon.losses import prediction_difference
+
+log = logging.getLogger("pdq")
 
 
 def _logits(gm: nn.Module, images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -65,6 +76,39 @@ def measure(gm: fx.GraphModule, images: torch.Tensor, *, weight_bits: list[int],
             row[bits] = _pd(g, images, fp, batch_size, temperature)
         aq.enabled = False
         table["acts"][name] = row
+    return table
+
+
+def measure_cached(cache_dir: str | Path | None, gm: fx.GraphModule, images: torch.Tensor,
+                   **settings) -> dict[str, dict[str, dict[int, float]]]:
+    """`measure(gm, images, **settings)`, kept in `<cache_dir>/sensitivity/<key>.json` (no cache: None). The key
+    covers everything the table depends on: the graph's weights and buffers, the images, every setting, the
+    device or thread count and the torch version. An entry that does not load or does not fit is measured
+    again and overwritten."""
+    if not cache_dir:
+        return measure(gm, images, **settings)
+    h = hashlib.sha256(state_sha256(gm).encode())
+    h.update(images.detach().cpu().contiguous().numpy())
+    key = {k: sorted(v) if isinstance(v, set | frozenset) else v for k, v in settings.items()}
+    h.update(json.dumps([list(images.shape), str(images.dtype), key, compute_tag(images.device), torch.__version__],
+                        sort_keys=True, default=repr).encode())
+    path = Path(cache_dir) / "sensitivity" / f"{h.hexdigest()[:40]}.json"
+    if path.is_file():
+        try:
+            raw = json.loads(path.read_text())
+            table = {kind: {name: {int(b): float(v) for b, v in row.items()} for name, row in raw[kind].items()}
+                     for kind in ("weights", "acts")}
+            for kind, bits in (("weights", settings["weight_bits"]), ("acts", settings.get("act_bits", ()))):
+                if any(sorted(row) != sorted(bits) for row in table[kind].values()):
+                    raise ValueError(f"its {kind} rows are not at the widths {sorted(bits)}")
+            log.info("sensitivity: cached in %s", path)
+            return table
+        except Exception as e:
+            log.warning("sensitivity cache entry %s is unreadable (%s: %s); measuring again", path,
+                        type(e).__name__, str(e)[:200])
+    table = measure(gm, images, **settings)
+    atomic_write_json(path, {kind: {name: {str(b): v for b, v in row.items()} for name, row in table[kind].items()}
+                             for kind in ("weights", "acts")})
     return table
 
 

@@ -35,6 +35,11 @@ class BitLayout:
     fc_in_bits: int | None = None
     per_layer: dict[str, int] | list[str] = field(default_factory=dict)
 
+    @property
+    def label(self) -> str:
+        """The bit setting in logs: `W4A4`."""
+        return f"W{self.w_bits}A{self.a_bits}"
+
     def __post_init__(self):
         if isinstance(self.per_layer, (list, tuple)):
             self.per_layer = dict(_parse_override(item) for item in self.per_layer)

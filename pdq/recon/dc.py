@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from pdq.distributed import SINGLE, Dist, state_sha256
+from pdq.distributed import SINGLE, Dist, compute_tag, state_sha256
 from pdq.errors import PdqError
 from pdq.io import atomic_torch_save
 from pdq.recon.losses import bn_statistics_loss, proximity_loss
@@ -142,9 +142,8 @@ class DCStore:
         self.root, self.dtype, self.dist = Path(root) / "dc", dtype, dist
         h = hashlib.sha256(state_sha256(fp_model).encode())
         h.update(calib.detach().cpu().contiguous().numpy())
-        where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
         h.update(json.dumps([list(calib.shape), str(calib.dtype), dist.rank, dist.world_size, batch_size,
-                             str(dtype), where, torch.__version__]).encode())
+                             str(dtype), compute_tag(device), torch.__version__]).encode())
         self.base = h
 
     def path(self, unit: Unit, cfg: DCConfig) -> Path:

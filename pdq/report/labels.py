@@ -21,12 +21,23 @@ CALIB_KEYS = ["batch_size", "act_init_size", "cache_dtype"]
 
 
 def bits(r: dict) -> str:
+    """The bit setting's column: `W4A4`, or for a quant=mixed run its budget, `mixed avg_w_bits=2.5 A4`
+    (its `w_bits` is only the width before the allocation)."""
+    budget = (r.get("mixed") or {}).get("budget")
+    if budget:
+        (key, value), = budget.items()
+        return f"mixed {key}={value:g} A{r['a_bits']}"
     return f"W{r['w_bits']}A{r['a_bits']}"
 
 
 def bits_key(b: str) -> tuple:
+    """Column order: the paper's settings, the other uniform ones (wide to narrow), then mixed budgets."""
     if b in PAPER_BITS:
         return (0, PAPER_BITS.index(b))
+    if b.startswith("mixed "):
+        budget, a = b.removeprefix("mixed ").rsplit(" ", 1)
+        key, value = budget.split("=")
+        return (2, key, float(value), a)
     w, a = (int(x) if x.isdigit() else 0 for x in b[1:].split("A"))
     return (1, -w, -a, b)
 

@@ -82,8 +82,7 @@ def pareto_series(results: list[dict]) -> dict[tuple[str, str], list[tuple[float
     label, with ` (mixed)` for quant=mixed runs. Runs without `cost` (older pdq) are left out."""
     runs = [r for r in results if r.get("cost") and r.get("quant_top1") is not None]
     series = defaultdict(list)
-    cells = group(runs, lambda r: r["model"], lambda r: r["_label"] + (" (mixed)" if r.get("mixed") else ""),
-                  lambda r: str(r.get("mixed", {}).get("budget")) if r.get("mixed") else bits(r))
+    cells = group(runs, lambda r: r["model"], lambda r: r["_label"] + (" (mixed)" if r.get("mixed") else ""), bits)
     for (model, name, _), cell_runs in cells.items():
         mean, std, _ = stats(cell_runs)
         series[(model, name)].append((statistics.mean(r["cost"]["size_mib"] for r in cell_runs),
