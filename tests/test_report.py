@@ -93,6 +93,29 @@ def test_mixed_runs_are_columns_of_their_budget_not_of_their_w_bits(tmp_path):
         < header.index("size_mib=0.05")  # uniform first, then budgets by kind and value
 
 
+def test_pareto_table_puts_each_mixed_point_against_the_uniform_line_around_its_size(tmp_path):
+    def cost(avg):  # size and BOPs linear in the average width
+        return {"avg_w_bits": avg, "size_mib": avg / 1024, "bops": avg * 1e9}
+
+    for i, (w, top1) in enumerate([(2, 60.0), (2, 62.0), (3, 80.0), (4, 90.0)]):
+        write_job(tmp_path, f"u{i}", quant_top1=top1, seed=i, w_bits=w, cost=cost(w))
+    for i, (avg, top1) in enumerate([(2.5, 75.0), (3.5, 84.0), (6.0, 91.0)]):
+        write_job(tmp_path, f"m{i}", quant_top1=top1, seed=i, w_bits=4, cost=cost(avg),
+                  mixed={"budget": {"avg_w_bits": avg}})
+    write_job(tmp_path, "old", quant_top1=50.0, seed=9, w_bits=8)  # an older pdq's run: no cost, no point
+    assert main([str(tmp_path), "--layout", "pareto"]) == 0
+    table = (tmp_path / "report" / "pareto.md").read_text()
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[3:-1]]
+            for line in table.splitlines() if line.startswith("| qdrop")}
+    mixed = [("qdrop (mixed)", f"mixed avg_w_bits={avg} A4") for avg in ("2.5", "3.5", "6")]
+    assert list(rows) == [("qdrop", "W2A4"), ("qdrop", "W3A4"), ("qdrop", "W4A4"), *mixed]
+    assert rows[("qdrop", "W2A4")] == ["2.000", "2.0", "2.0000", f"61.00±{statistics.stdev([60, 62]):.2f} (n=2)", "–"]
+    assert rows[mixed[0]][-1] == "+4.50"  # 75 against 61 + (80 - 61) / 2
+    assert rows[mixed[1]][-1] == "-1.00"  # 84 against 85
+    assert rows[mixed[2]][-1] == "–"  # beyond the widest uniform point
+    assert (tmp_path / "report" / "pareto.png").read_bytes()[:8] == PNG
+
+
 def test_table3_layout_has_the_papers_model_columns_and_method_rows(tmp_path):
     """Models as the paper's Table 3 orders them (not by name), other models after them; methods in paper order."""
     models = ["mnasnet_x2", "zoo_net", "resnet50_brecq", "regnetx_600m", "resnet18_brecq", "mobilenetv2_brecq",
@@ -357,9 +380,11 @@ def test_real_multirun_table_cells_plots_and_failed_job(tiny_multirun, capsys):
     assert set(series) == {("resnet20_fmnist", "rtn_minmax"), ("resnet20_fmnist", "qdrop")}
     for (_, method), points in series.items():
         tops = [r["quant_top1"] for r in results if r["method"] == method]
-        (mib, gbops, mean, std), = points  # one bit setting: one point at the layout's size and BOPs
-        assert (mean, std) == pytest.approx((statistics.mean(tops), statistics.stdev(tops)))
-        assert mib == results[0]["cost"]["size_mib"] and 4 < results[0]["cost"]["avg_w_bits"] < 8  # stem, fc at 8
+        point, = points  # one bit setting: one point at the layout's size and BOPs
+        assert (point.mean, point.std, point.n) == pytest.approx((statistics.mean(tops), statistics.stdev(tops), 2))
+        assert point.mib == results[0]["cost"]["size_mib"] and point.setting == "W4A4"
+        assert 4 < point.avg_w_bits < 8 and point.avg_w_bits == results[0]["cost"]["avg_w_bits"]  # stem, fc at 8
+    assert "| qdrop | W4A4 |" in (out / "pareto.md").read_text()
 
 
 def test_console_script_and_module_entry_point(tmp_path):

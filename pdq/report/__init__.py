@@ -13,7 +13,8 @@ into `--out` (default: `report/` inside the first dir):
 - `table1.md`: rtn_minmax, rtn_cosine, rtn_mse, pd_scale per (model, bits);
 - `top1.png`: top-1 by method and bit setting with std error bars, one panel per model;
 - `pareto.png`: top-1 against weight size (MiB of codes) and BOPs, one series per method, uniform bit settings
-  and `quant=mixed` budgets (dashed) apart, for runs whose results.json records `cost`;
+  and `quant=mixed` budgets (dashed) apart, for runs whose results.json records `cost`; `pareto.md`: its points,
+  and each mixed point's distance to the straight line between the uniform points around its size;
 - `curves_<run>.png` for each `--curves RUN_DIR`: the per-unit losses of every phase from the run's
   `csv/metrics.csv`.
 
@@ -29,9 +30,9 @@ Modules: `collect` (job dirs, results.json, missing runs), `labels` (run labels 
 from pdq.report.cli import main
 from pdq.report.collect import collect, old_components, read_results
 from pdq.report.labels import label_runs
-from pdq.report.plots import curve_label, pareto_series, plot_curves, plot_pareto, plot_top1, read_curves
-from pdq.report.tables import ablation_table, by_model, paper_table, table1
+from pdq.report.plots import curve_label, plot_curves, plot_pareto, plot_top1, read_curves
+from pdq.report.tables import ablation_table, by_model, paper_table, pareto_series, pareto_table, table1
 
 __all__ = ["ablation_table", "by_model", "collect", "curve_label", "label_runs", "main", "old_components",
-           "paper_table", "pareto_series", "plot_curves", "plot_pareto", "plot_top1", "read_curves", "read_results",
-           "table1"]
+           "paper_table", "pareto_series", "pareto_table", "plot_curves", "plot_pareto", "plot_top1", "read_curves",
+           "read_results", "table1"]

@@ -13,9 +13,9 @@ from pdq.io import atomic_write
 from pdq.report.collect import collect, missing_lines
 from pdq.report.labels import label_runs
 from pdq.report.plots import plot_curves, plot_pareto, plot_top1
-from pdq.report.tables import ablation_table, by_model, csv_text, paper_table, table1
+from pdq.report.tables import ablation_table, by_model, csv_text, paper_table, pareto_table, table1
 
-LAYOUTS = ["by_model", "paper", "ablation", "table1"]
+LAYOUTS = ["by_model", "paper", "ablation", "table1", "pareto"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,9 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     texts = {"by_model": by_model(results)}
     texts["paper"], csv_rows = paper_table(results, missing)
     texts["ablation"], texts["table1"] = ablation_table(results), table1(results)
+    texts["pareto"] = pareto_table(results)
     written = [atomic_write(out / "table.md", texts["paper"]), atomic_write(out / "table.csv", csv_text(csv_rows)),
                atomic_write(out / "by_model.md", texts["by_model"])]
-    for name in ("ablation", "table1"):
+    for name in ("ablation", "table1", "pareto"):
         if texts[name] is not None:
             written.append(atomic_write(out / f"{name}.md", texts[name]))
     notes = []

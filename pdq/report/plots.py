@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pdq.report.collect import read_results
 from pdq.report.labels import bits, bits_key, model_key
-from pdq.report.tables import fp_values, group, ordered_labels, stats
+from pdq.report.tables import MIXED, fp_values, group, ordered_labels, pareto_series, stats
 
 CURVE_METRICS = ["pd_loss", "rec_loss", "round_loss", "loss"]
 #: a per-unit metric column: `u03_layer1.0/rec_loss` (first phase) or `p1_u03_layer1.0/rec_loss` (phase 1, BRECQ's
@@ -77,19 +77,6 @@ def plot_top1(results: list[dict]) -> bytes:
     return _png(fig)
 
 
-def pareto_series(results: list[dict]) -> dict[tuple[str, str], list[tuple[float, float, float, float]]]:
-    """{(model, series): [(MiB, GBOPs, mean top-1, std) per bit setting or budget, by size]}; a series is a run
-    label, with ` (mixed)` for quant=mixed runs. Runs without `cost` (older pdq) are left out."""
-    runs = [r for r in results if r.get("cost") and r.get("quant_top1") is not None]
-    series = defaultdict(list)
-    cells = group(runs, lambda r: r["model"], lambda r: r["_label"] + (" (mixed)" if r.get("mixed") else ""), bits)
-    for (model, name, _), cell_runs in cells.items():
-        mean, std, _ = stats(cell_runs)
-        series[(model, name)].append((statistics.mean(r["cost"]["size_mib"] for r in cell_runs),
-                                      statistics.mean(r["cost"]["bops"] for r in cell_runs) / 1e9, mean, std or 0.0))
-    return {key: sorted(points) for key, points in series.items()}
-
-
 def plot_pareto(results: list[dict]) -> bytes | None:
     """Top-1 against weight MiB (left) and GBOPs (right), one row per model; None without runs that record cost."""
     series = pareto_series(results)
@@ -100,9 +87,9 @@ def plot_pareto(results: list[dict]) -> bytes | None:
     for row, model in zip(axes, models):
         for name in sorted(name for m, name in series if m == model):
             points = series[(model, name)]
-            for ax, x in zip(row, (0, 1)):
-                ax.errorbar([p[x] for p in points], [p[2] for p in points], yerr=[p[3] for p in points],
-                            marker="o", ms=4, capsize=2, ls="--" if name.endswith("(mixed)") else "-", label=name)
+            for ax, x in zip(row, ("mib", "gbops")):
+                ax.errorbar([getattr(p, x) for p in points], [p.mean for p in points], yerr=[p.std for p in points],
+                            marker="o", ms=4, capsize=2, ls="--" if name.endswith(MIXED) else "-", label=name)
         for ax, xlabel in zip(row, ("weight codes (MiB)", "GBOPs (MACs x w bits x a bits)")):
             ax.set_xlabel(xlabel)
             ax.set_ylabel("top-1 (%)")

@@ -1,4 +1,5 @@
-"""The Markdown and CSV tables: `by_model`, `paper_table` (table.md / table.csv), `ablation_table`, `table1`.
+"""The Markdown and CSV tables: `by_model`, `paper_table` (table.md / table.csv), `ablation_table`, `table1`,
+`pareto_table` (the points of pareto.png).
 
 Every table takes the runs as `collect` returns them, labelled by `label_runs` (it groups rows by `_label`)."""
 
@@ -9,12 +10,15 @@ import io
 import statistics
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 from pdq.report.collect import missing_lines
 from pdq.report.labels import bits, bits_key, label_key, model_key, settings
 
 ABLATION = ["qdrop", "pd_only", "pd_reg", "qdrop_dc", "pdquant"]
 TABLE1 = ["rtn_minmax", "rtn_cosine", "rtn_mse", "pd_scale"]
+#: the suffix of a quant=mixed series in the Pareto plot and table
+MIXED = " (mixed)"
 CSV_FIELDS = ["bits", "method", "model", "mean", "std", "n", "seeds", "iters", "calib_size", "fp_top1", "eval_images"]
 
 
@@ -210,3 +214,60 @@ def table1(results: list[dict]) -> str | None:
     rows += [[label, *(cell(cells.get((label, c))) for c in cols)] for label in ordered_labels(runs)]
     return "\n".join(["# Table 1: activation-scale methods (quantized top-1 %, mean±std over seeds)", "",
                       *md_table(["method", *(f"{m} {b}" for m, b in cols)], rows), ""])
+
+
+class ParetoPoint(NamedTuple):
+    """One bit setting or budget of a series: its cost (the runs' mean) and top-1 over its runs."""
+
+    setting: str
+    avg_w_bits: float
+    mib: float
+    gbops: float
+    mean: float
+    std: float
+    n: int
+
+
+def pareto_series(results: list[dict]) -> dict[tuple[str, str], list[ParetoPoint]]:
+    """{(model, series): points by size}; a series is a run label, with ` (mixed)` for quant=mixed runs. Runs
+    without `cost` (older pdq) are left out."""
+    runs = [r for r in results if r.get("cost") and r.get("quant_top1") is not None]
+    series = defaultdict(list)
+    cells = group(runs, lambda r: r["model"], lambda r: r["_label"] + (MIXED if r.get("mixed") else ""), bits)
+    for (model, name, setting), cell_runs in cells.items():
+        mean, std, n = stats(cell_runs)
+        cost = {k: statistics.mean(r["cost"][k] for r in cell_runs) for k in ("avg_w_bits", "size_mib", "bops")}
+        series[(model, name)].append(ParetoPoint(setting, cost["avg_w_bits"], cost["size_mib"], cost["bops"] / 1e9,
+                                                 mean, std or 0.0, n))
+    return {key: sorted(points, key=lambda p: (p.mib, p.gbops)) for key, points in series.items()}
+
+
+def uniform_line(points: list[ParetoPoint], mib: float) -> float | None:
+    """Top-1 of the straight line between the two uniform points around `mib` (None outside their range)."""
+    for lo, hi in zip(points, points[1:]):
+        if lo.mib <= mib <= hi.mib and hi.mib > lo.mib:
+            return lo.mean + (hi.mean - lo.mean) * (mib - lo.mib) / (hi.mib - lo.mib)
+    return None
+
+
+def pareto_table(results: list[dict]) -> str | None:
+    """pareto.md: per model, every point of pareto.png (cost and top-1), and for a mixed point its distance to the
+    straight line between the uniform points of the same label around its size; None without runs with `cost`."""
+    series = pareto_series(results)
+    if not series:
+        return None
+    out = ["# Top-1 against weight size and BOPs (uniform and mixed precision)", "",
+           "Mean±std over seeds. `vs uniform`: a mixed point's top-1 minus the straight line between the two uniform "
+           "settings of the same method around its weight size (points), `–` outside their range.", ""]
+    for model in sorted({m for m, _ in series}, key=model_key):
+        rows = []
+        for name in sorted((n for m, n in series if m == model), key=lambda n: (n.endswith(MIXED), n)):
+            uniform = series.get((model, name.removesuffix(MIXED))) if name.endswith(MIXED) else None
+            for p in series[(model, name)]:
+                line = uniform_line(uniform, p.mib) if uniform else None
+                rows.append([name, p.setting, f"{p.avg_w_bits:.3f}", f"{p.mib * 1024:.1f}", f"{p.gbops:.4f}",
+                             f"{p.mean:.2f}±{p.std:.2f} (n={p.n})",
+                             f"{p.mean - line:+.2f}" if line is not None else "–"])
+        out += [f"## {model}", "", *md_table(["series", "setting", "avg w bits", "weight KiB", "GBOPs", "top-1 %",
+                                               "vs uniform"], rows), ""]
+    return "\n".join(out)
