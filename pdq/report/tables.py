@@ -266,7 +266,7 @@ def pareto_table(results: list[dict]) -> str | None:
             for p in series[(model, name)]:
                 line = uniform_line(uniform, p.mib) if uniform else None
                 rows.append([name, p.setting, f"{p.avg_w_bits:.3f}", f"{p.mib * 1024:.1f}", f"{p.gbops:.4f}",
-                             f"{p.mean:.2f}±{p.std:.2f} (n={p.n})",
+                             f"{p.mean:.2f}" + (f"±{p.std:.2f}" if p.n > 1 else "") + f" (n={p.n})",
                              f"{p.mean - line:+.2f}" if line is not None else "–"])
         out += [f"## {model}", "", *md_table(["series", "setting", "avg w bits", "weight KiB", "GBOPs", "top-1 %",
                                                "vs uniform"], rows), ""]
