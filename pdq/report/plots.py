@@ -78,18 +78,24 @@ def plot_top1(results: list[dict]) -> bytes:
 
 
 def plot_pareto(results: list[dict]) -> bytes | None:
-    """Top-1 against weight MiB (left) and GBOPs (right), one row per model; None without runs that record cost."""
+    """Top-1 against weight MiB (left) and GBOPs (right), one row per model, a method's uniform (solid) and mixed
+    (dashed) series in one colour; None without runs that record cost."""
+    from matplotlib import colormaps
+
     series = pareto_series(results)
     if not series:
         return None
     models = sorted({model for model, _ in series}, key=model_key)
+    methods = sorted({name.removesuffix(MIXED) for _, name in series})
+    colour = dict(zip(methods, colormaps["tab10" if len(methods) <= 10 else "tab20"].colors, strict=False))
     fig, axes = _figure(len(models), 2, 5.0, 3.6)
     for row, model in zip(axes, models):
         for name in sorted(name for m, name in series if m == model):
-            points = series[(model, name)]
+            points, mixed = series[(model, name)], name.endswith(MIXED)
             for ax, x in zip(row, ("mib", "gbops")):
                 ax.errorbar([getattr(p, x) for p in points], [p.mean for p in points], yerr=[p.std for p in points],
-                            marker="o", ms=4, capsize=2, ls="--" if name.endswith(MIXED) else "-", label=name)
+                            marker="s" if mixed else "o", ms=4, capsize=2, ls="--" if mixed else "-",
+                            color=colour[name.removesuffix(MIXED)], label=name)
         for ax, xlabel in zip(row, ("weight codes (MiB)", "GBOPs (MACs x w bits x a bits)")):
             ax.set_xlabel(xlabel)
             ax.set_ylabel("top-1 (%)")
