@@ -89,6 +89,7 @@ def plot_pareto(results: list[dict]) -> bytes | None:
     methods = sorted({name.removesuffix(MIXED) for _, name in series})
     colour = dict(zip(methods, colormaps["tab10" if len(methods) <= 10 else "tab20"].colors, strict=False))
     fig, axes = _figure(len(models), 2, 5.0, 3.6)
+    fig.set_layout_engine("constrained")
     for row, model in zip(axes, models):
         for name in sorted(name for m, name in series if m == model):
             points, mixed = series[(model, name)], name.endswith(MIXED)
@@ -97,6 +98,7 @@ def plot_pareto(results: list[dict]) -> bytes | None:
                             marker="s" if mixed else "o", ms=4, capsize=2, ls="--" if mixed else "-",
                             color=colour[name.removesuffix(MIXED)], label=name)
         for ax, xlabel in zip(row, ("weight codes (MiB)", "GBOPs (MACs x w bits x a bits)")):
+            ax.set_xscale("log", base=2)  # each extra weight bit a similar step
             ax.set_xlabel(xlabel)
             ax.set_ylabel("top-1 (%)")
             ax.set_title(model, fontsize=9)
