@@ -173,16 +173,32 @@ def test_nothing_to_learn_from_is_refused_up_front(make_cfg):
 
 
 EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix(""))
-                     for p in (CONF / "experiment").rglob("*.yaml"))
+                     for group in ("paper", "embedded") for p in (CONF / "experiment" / group).glob("*.yaml"))
+PARETO = sorted(p.stem for p in (CONF / "experiment" / "pareto").glob("*.yaml"))
 
 
 def test_experiment_grid_is_complete():
-    """Six paper models and the two reference models, each at W4A4, W2A4, W4A2 and W2A2."""
+    """Six paper models and the two reference models, each at W4A4, W2A4, W4A2 and W2A2; the Pareto points."""
     cells = [f"{w}" for w in ("w4a4", "w2a4", "w4a2", "w2a2")]
     paper = ["resnet18_brecq", "resnet50_brecq", "mobilenetv2_brecq", "regnetx_600m", "regnetx_3200m", "mnasnet_x2"]
     expected = {f"paper/{m}_{c}" for m in paper for c in cells}
     expected |= {f"embedded/{m}_{c}" for m in ("resnet20_fmnist", "mobilenetv2_fmnist") for c in cells}
     assert set(EXPERIMENTS) == expected
+    assert sorted(p.name for p in (CONF / "experiment").iterdir() if p.is_dir()) == ["embedded", "paper", "pareto"]
+    assert set(PARETO) == {"w2a4", "w3a4", "w4a4", "w8a4", "mixed_avg2.5a4", "mixed_avg3a4", "mixed_avg4a4"}
+
+
+@pytest.mark.parametrize("name", PARETO)
+def test_pareto_experiments_set_only_the_bits(make_cfg, name):
+    """A Pareto point sets the bits (uniform) or the budget (mixed), A4, and leaves model and method to the user."""
+    cfg = make_cfg(f"experiment=pareto/{name}", "model=mobilenetv2_fmnist", "method=rtn_mse")
+    assert (cfg.model.name, cfg.method.name, cfg.quant.a_bits) == ("mobilenetv2_fmnist", "rtn_mse", 4)
+    layout = instantiate(cfg.quant, _convert_="all")
+    if name.startswith("mixed_avg"):
+        assert (layout.budget_key, layout.budget_value) == ("avg_w_bits", float(name[9:-2]))
+        assert layout.label == f"mixed avg_w_bits={name[9:-2]} A4"
+    else:
+        assert layout.label == name.upper() and not hasattr(layout, "budget")
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -251,29 +267,37 @@ def sweep_jobs(name: str) -> tuple[object, list[list[str]]]:
     return cfg, [list(job) for job in itertools.product(*axes)]
 
 
-@pytest.mark.parametrize("name,jobs,models,methods,seeds,iters,calib", [
+PAPER_CELLS = {"W4A4", "W2A4", "W4A2", "W2A2"}
+
+
+@pytest.mark.parametrize("name,jobs,models,methods,bits,seeds,iters,calib", [
     ("embedded", 120, {"resnet20_fmnist", "mobilenetv2_fmnist"}, {"rtn_mse", "adaround", "brecq", "qdrop", "pdquant"},
-     {1, 2, 3}, 100, 256),
+     PAPER_CELLS, {1, 2, 3}, 100, 256),
     ("table3", 480, {"resnet18_brecq", "resnet50_brecq", "mobilenetv2_brecq", "regnetx_600m", "regnetx_3200m",
-                     "mnasnet_x2"}, {"pdquant", "qdrop"}, set(range(10)), 20000, 1024),
+                     "mnasnet_x2"}, {"pdquant", "qdrop"}, PAPER_CELLS, set(range(10)), 20000, 1024),
     ("ablation", 200, {"resnet18_brecq", "mobilenetv2_brecq"}, {"qdrop", "pd_only", "pd_reg", "qdrop_dc", "pdquant"},
-     set(range(10)), 20000, 1024),
+     {"W2A2", "W4A2"}, set(range(10)), 20000, 1024),
+    ("pareto", 84, {"resnet20_fmnist", "mobilenetv2_fmnist"}, {"rtn_mse", "pdquant"},
+     {"W2A4", "W3A4", "W4A4", "W8A4", *(f"mixed avg_w_bits={b} A4" for b in ("2.5", "3", "4"))}, {1, 2, 3}, 100, 256),
 ])
-def test_named_sweeps_expand_to_their_tables_jobs(make_cfg, name, jobs, models, methods, seeds, iters, calib):
+def test_named_sweeps_expand_to_their_tables_jobs(make_cfg, name, jobs, models, methods, bits, seeds, iters, calib):
     """`python run.py sweep=<name>` is a multirun (no -m) into a fixed dir that resumes when run again; every
-    job composes, with the table's model, bits, method, seed, steps and calibration size."""
+    job composes, with the table's model, bits (or mixed budget), method, seed, steps and calibration size."""
     cfg, expanded = sweep_jobs(name)
     assert (str(cfg.hydra.mode), cfg.hydra.sweep.dir, cfg.resume) == ("RunMode.MULTIRUN", f"outputs/sweeps/{name}",
                                                                       "auto")
     assert len(expanded) == jobs
+
+    def seed(job):
+        return int(next(o for o in job if o.startswith("seed=")).split("=")[1])
+
     seen = set()
     for job in expanded:
-        if job[2] != expanded[0][2]:  # the first seed only: one composition per cell keeps this test quick
+        if seed(job) != seed(expanded[0]):  # the first seed only: one composition per cell keeps this test quick
             continue
         c = make_cfg(f"sweep={name}", *job, "data.root=/data/imagenet")
-        seen.add((c.model.name, c.method.name, f"w{c.quant.w_bits}a{c.quant.a_bits}"))
+        seen.add((c.model.name, c.method.name, instantiate(c.quant, _convert_="all").label))
         assert c.method.get("iters", iters) == iters and c.calib.size == calib and c.resume == "auto"
-    assert {s[0] for s in seen} == models and {s[1] for s in seen} == methods
-    assert {s[2] for s in seen} == ({"w2a2", "w4a2"} if name == "ablation" else {"w4a4", "w2a4", "w4a2", "w2a2"})
+    assert {s[0] for s in seen} == models and {s[1] for s in seen} == methods and {s[2] for s in seen} == bits
     assert len(seen) == jobs // len(seeds)
-    assert {int(j[2].split("=")[1]) for j in expanded} == seeds
+    assert {seed(j) for j in expanded} == seeds
