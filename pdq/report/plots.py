@@ -87,7 +87,8 @@ def plot_pareto(results: list[dict]) -> bytes | None:
         return None
     models = sorted({model for model, _ in series}, key=model_key)
     methods = sorted({name.removesuffix(MIXED) for _, name in series})
-    colour = dict(zip(methods, colormaps["tab10" if len(methods) <= 10 else "tab20"].colors, strict=False))
+    cmap = colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    colour = {method: cmap(i % cmap.N) for i, method in enumerate(methods)}
     fig, axes = _figure(len(models), 2, 5.0, 3.6)
     fig.set_layout_engine("constrained")
     for row, model in zip(axes, models):
