@@ -70,8 +70,9 @@ class MixedLayout(BitLayout):
     @property
     def label(self) -> str:
         """The bit setting in logs, as the report's column: `mixed avg_w_bits=3 A4` (w_bits is not the width)."""
-        budget = f" {self.budget_key}={self.budget_value:g}" if self.budget_key else ""
-        return f"mixed{budget} A{self.a_bits}"
+        from pdq.report.labels import bit_setting
+
+        return bit_setting(self.w_bits, self.a_bits, {self.budget_key: self.budget_value} if self.budget_key else {})
 
     def require_budget(self) -> None:
         if self.budget_key is None:

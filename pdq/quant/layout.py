@@ -37,8 +37,10 @@ class BitLayout:
 
     @property
     def label(self) -> str:
-        """The bit setting in logs: `W4A4`."""
-        return f"W{self.w_bits}A{self.a_bits}"
+        """The bit setting in logs, as the report names it: `W4A4`."""
+        from pdq.report.labels import bit_setting
+
+        return bit_setting(self.w_bits, self.a_bits)
 
     def __post_init__(self):
         if isinstance(self.per_layer, (list, tuple)):

@@ -20,14 +20,17 @@ QUANT_KEYS = ["layout", "per_layer", "stem_w_bits", "stem_out_bits", "fc_w_bits"
 CALIB_KEYS = ["batch_size", "act_init_size", "cache_dtype"]
 
 
+def bit_setting(w_bits: int, a_bits: int, budget: dict | None = None) -> str:
+    """A bit setting as reports and logs name it: `W4A4`; a quant=mixed layout (`budget` given, its w_bits only
+    the width before the allocation) by its budget, `mixed avg_w_bits=2.5 A4` (`mixed A4` before one is set)."""
+    if budget is None:
+        return f"W{w_bits}A{a_bits}"
+    return " ".join(["mixed", *(f"{key}={value:g}" for key, value in budget.items()), f"A{a_bits}"])
+
+
 def bits(r: dict) -> str:
-    """The bit setting's column: `W4A4`, or for a quant=mixed run its budget, `mixed avg_w_bits=2.5 A4`
-    (its `w_bits` is only the width before the allocation)."""
-    budget = (r.get("mixed") or {}).get("budget")
-    if budget:
-        (key, value), = budget.items()
-        return f"mixed {key}={value:g} A{r['a_bits']}"
-    return f"W{r['w_bits']}A{r['a_bits']}"
+    """The bit setting's column of a run (`bit_setting` of its results.json)."""
+    return bit_setting(r["w_bits"], r["a_bits"], (r.get("mixed") or {}).get("budget"))
 
 
 def bits_key(b: str) -> tuple:
