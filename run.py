@@ -12,8 +12,11 @@ log = logging.getLogger("pdq")
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     from pdq.errors import PdqError
+    from pdq.host_memory import keep_freed_memory
     from pdq.pipeline import run
 
+    if cfg.get("keep_freed_memory") is True:
+        log.info("host memory: freed memory kept for reuse (keep_freed_memory=true): %s", keep_freed_memory())
     try:
         return run(cfg)["quant_top1"]
     except PdqError as e:

@@ -102,6 +102,7 @@ def one(args: argparse.Namespace) -> None:
     import torch
     from hydra import compose, initialize_config_dir
 
+    from pdq.host_memory import keep_freed_memory
     from pdq.pipeline import execute
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -111,6 +112,8 @@ def one(args: argparse.Namespace) -> None:
                                            f"paths.cache_dir={args.cache_dir}",
                                            *([f"method.iters={args.iters}"] if args.iters else []),
                                            *args.overrides])
+    if cfg.keep_freed_memory:  # as `python run.py` does
+        keep_freed_memory()
     res, qmodel = execute(cfg)
     units = res["units"]
     steps = sum(u["iters"] for u in units)

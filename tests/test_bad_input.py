@@ -220,6 +220,7 @@ def test_run_context_takes_the_config_values():
 @pytest.mark.parametrize("overrides,message", [
     (["data.eval_subset=-5"], "data.eval_subset=-5 is not accepted"),
     (["seed=-1"], "seed=-1 is not accepted"),
+    (["keep_freed_memory=maybe"], "keep_freed_memory='maybe' is not accepted"),
     (["data=imagenet"], "data.root is not set"),
 ])
 def test_cli_one_clear_line_and_exit_2(tmp_path, overrides, message):

@@ -65,6 +65,30 @@ def test_bn_statistics_loss_uses_per_sample_statistics():
     assert bn_statistics_loss([a], [bn], denominator=8).item() == pytest.approx(expected.item() / 2, rel=1e-6)
 
 
+@pytest.mark.parametrize("shape,channels_last", [((4, 3, 5, 5), False), ((4, 3, 5, 5), True), ((4, 3, 7), False)],
+                         ids=["nchw", "channels_last", "1d"])
+def test_bn_statistics_loss_gradient_is_autograds_var_mean_gradient(shape, channels_last):
+    """The one-pass backward of the per-sample statistics against autograd through `torch.var_mean`, in
+    float64 (gradcheck) and in float32 against the reference formula's gradient."""
+    from pdq.recon.losses import _SpatialVarMean
+
+    torch.manual_seed(0)
+    a = torch.randn(*shape, dtype=torch.float64)
+    if channels_last:
+        a = a.contiguous(memory_format=torch.channels_last)
+    assert torch.autograd.gradcheck(_SpatialVarMean.apply, (a.requires_grad_(True),))
+    bn, x = _bn(3), torch.randn(*shape).mul(2).add(0.3)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mine = x.clone().requires_grad_(True)
+    bn_statistics_loss([mine], [bn], denominator=3).backward()
+    ref = x.clone().requires_grad_(True)
+    var, mu = torch.var_mean(ref.flatten(2), -1, correction=1)
+    target_sigma = (bn.running_var + 1e-6).sqrt()
+    ((((mu - bn.running_mean) ** 2).sum(1) + (((var + 1e-6).sqrt() - target_sigma) ** 2).sum(1)).sum() / 3).backward()
+    assert torch.allclose(mine.grad, ref.grad, rtol=1e-5, atol=1e-7) and ref.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("shape,cls", [((6, 3), nn.BatchNorm1d), ((6, 3, 1, 1), nn.BatchNorm2d)],
                          ids=["batchnorm1d", "1x1_map"])
 def test_bn_statistics_loss_on_single_position_inputs_is_finite_and_has_the_mean_term(shape, cls):

@@ -12,7 +12,7 @@ from pdq.models.fmnist import mobilenetv2_fmnist, resnet20_fmnist
 from pdq.pipeline import run
 from pdq.quant import quantize_model, set_quant_state
 from pdq.recon import find_units
-from pdq.recon.dc import correct, fp_twin
+from pdq.recon.dc import bn_inputs, correct, fp_twin
 from pdq.recon.losses import bn_statistics_loss
 from pdq.recon.module import Caches, UnitReconstruction
 from pdq.recon.subgraph import prefix, segment, suffix
@@ -58,6 +58,17 @@ def test_unfolded_fp_twin_of_every_unit_matches_the_folded_unit(build, shape):
             ref = segment(qm, unit)(inp)
             assert (twin(inp) - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item()), unit.name
             assert len(bns) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in twin.modules())
+            if bns:  # DC's cut: the BatchNorms' inputs, as hooks on the whole twin see them, and nothing after
+                seen = []
+                hooks = [bn.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0])) for bn in bns]
+                twin(inp)
+                for h in hooks:
+                    h.remove()
+                cut, order = bn_inputs(twin, bns)
+                assert order == bns and all(torch.equal(a, b) for a, b in zip(cut(inp), seen, strict=True))
+                kept = [n for n in cut.graph.nodes if n.op == "call_module"
+                        and isinstance(cut.get_submodule(n.target), torch.nn.BatchNorm2d)]
+                assert len(kept) < len(bns)  # at least the last BatchNorm's output is not computed
 
 
 def pd_module(seg, rest, caches, **settings):

@@ -26,6 +26,7 @@ def test_cli_small_run_writes_results(tmp_path):
     assert res["components"] == {"pd": False, "reg": False, "dc": False}
     assert (tmp_path / "csv" / "metrics.csv").exists() and (tmp_path / "quantized_model.pt").exists()
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
+    assert "freed memory kept for reuse (keep_freed_memory=true): True" in proc.stdout + proc.stderr
 
 
 def test_cli_default_is_pdquant_and_logs_pd_terms(tmp_path):

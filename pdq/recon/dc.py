@@ -14,6 +14,7 @@ computes them once per model and calibration set."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -63,6 +64,24 @@ def fp_twin(fp_gm: fx.GraphModule, gm: fx.GraphModule, unit: Unit) -> tuple[fx.G
     return fx.GraphModule(fp_gm, graph, class_name="FPUnit"), bns
 
 
+def bn_inputs(unit: nn.Module, bns: list[nn.Module]) -> tuple[fx.GraphModule, list[nn.Module]]:
+    """`unit` cut down to what DC's loss reads: a graph that returns the input of every call of a module in
+    `bns`, in execution order, and computes nothing else (no BatchNorm output, add or ReLU after the last
+    one); and the BatchNorm of each returned input."""
+    gm = unit if isinstance(unit, fx.GraphModule) else fx.symbolic_trace(unit)
+    graph = copy.deepcopy(gm.graph)
+    wanted = {id(bn) for bn in bns}
+    calls = [n for n in graph.nodes if n.op == "call_module" and id(gm.get_submodule(n.target)) in wanted]
+    if {id(gm.get_submodule(n.target)) for n in calls} != wanted:
+        raise ValueError(f"{len(bns)} BatchNorms given, {len(calls)} calls of them found in the unit's graph")
+    graph.erase_node(next(n for n in graph.nodes if n.op == "output"))
+    graph.output(tuple(n.args[0] for n in calls))
+    cut = fx.GraphModule(gm, graph, class_name="BNInputs")
+    cut.graph.eliminate_dead_code()
+    cut.recompile()
+    return cut, [gm.get_submodule(n.target) for n in calls]
+
+
 def _is_bn(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm)
 
@@ -79,7 +98,8 @@ def check_chunk(cfg: DCConfig, n_local: int, dist: Dist) -> None:
 
 def correct(unit_fp: nn.Module, bns: list[nn.Module], x_fp: torch.Tensor, cfg: DCConfig,
             desc: str = "DC", dist: Dist = SINGLE) -> tuple[torch.Tensor, dict]:
-    """DC-corrected copy of `x_fp` (same shape, same device), and the BN-statistic loss before/after.
+    """DC-corrected copy of `x_fp` (same shape, same device), and the BN-statistic loss before/after. Each
+    step runs `unit_fp` only up to the inputs of `bns` (`bn_inputs`).
     Under DDP, `x_fp` is this rank's shard; with one chunk over the whole set the loss is normalised by
     the global set size and the LR plateau follows the loss summed over ranks, so every sample gets the
     update it gets in one process."""
@@ -88,11 +108,10 @@ def correct(unit_fp: nn.Module, bns: list[nn.Module], x_fp: torch.Tensor, cfg: D
     from tqdm.auto import tqdm
 
     check_chunk(cfg, len(x_fp), dist)
+    cut, bns = bn_inputs(unit_fp, bns)
     n_global = len(x_fp) * dist.world_size
     whole = cfg.chunk >= n_global
     chunk = len(x_fp) if whole else cfg.chunk
-    captured: list[torch.Tensor] = []
-    hooks = [bn.register_forward_pre_hook(lambda m, args: captured.append(args[0])) for bn in bns]
     out, before, after = [], 0.0, 0.0
     bar = tqdm(total=cfg.steps * -(-len(x_fp) // chunk), desc=desc, leave=False, dynamic_ncols=True,
                disable=dist.progress_disable)
@@ -100,14 +119,16 @@ def correct(unit_fp: nn.Module, bns: list[nn.Module], x_fp: torch.Tensor, cfg: D
         for start in range(0, len(x_fp), chunk):
             target = x_fp[start:start + chunk].float()
             denominator = n_global if whole else len(target)
-            x = target.clone().requires_grad_(True)
-            opt = torch.optim.Adam([x], lr=cfg.lr, fused=True)  # one pass over x per step
+            # Adam's variable is the chunk in its own memory order, a contiguous tensor: fused Adam would
+            # otherwise copy a channels-last x to contiguous and back at every step
+            order = sorted(range(target.dim()), key=lambda d: -target.stride(d))
+            dense = target.permute(order).clone(memory_format=torch.contiguous_format).requires_grad_(True)
+            x = dense.permute([order.index(d) for d in range(target.dim())])
+            opt = torch.optim.Adam([dense], lr=cfg.lr, fused=True)  # one pass over x per step
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=cfg.patience, factor=cfg.factor,
                                                                  min_lr=cfg.min_lr)
             for step in range(cfg.steps + 1):
-                captured.clear()
-                unit_fp(x)
-                stats = bn_statistics_loss(captured, bns, denominator)
+                stats = bn_statistics_loss(cut(x), bns, denominator)
                 if step == 0:
                     before += stats.item() * denominator
                 if step == cfg.steps:
@@ -115,27 +136,28 @@ def correct(unit_fp: nn.Module, bns: list[nn.Module], x_fp: torch.Tensor, cfg: D
                     break
                 loss = stats + proximity_loss(x, target, denominator) / cfg.lambda_c
                 opt.zero_grad(set_to_none=True)
-                loss.backward(inputs=[x])  # the input's gradient only, whatever the twin's parameters
+                loss.backward(inputs=[dense])  # the input's gradient only, whatever the twin's parameters
                 opt.step()
                 plateau.step(dist.sum(loss.item())[0] if whole else loss.item())
                 bar.update(1)
             out.append(x.detach().to(x_fp.dtype))
     finally:
         bar.close()
-        for h in hooks:
-            h.remove()
     before, after = dist.sum(before, after)
     return torch.cat(out), {"dc_loss_before": round(before / n_global, 6),
                             "dc_loss_after": round(after / n_global, 6)}
+
+
+DC_REVISION = 2  # part of every DC cache key: bump it when DC's arithmetic changes, so that older entries miss
 
 
 class DCStore:
     """DC results, content-addressed: `<root>/dc/<key>.pt` holds a unit's corrected FP inputs (this process's
     shard) and its BN-statistic losses. The key covers everything the result depends on, down to the bits:
     the float model's weights and buffers, the calibration images (hence the data config, the seed and the
-    indices), this process's shard, the unit's nodes, the DC settings, the cache dtype and batch size, and
-    the device, thread count and torch version. Entries are written atomically; one that does not load or
-    does not match is a miss, recomputed and overwritten."""
+    indices), this process's shard, the unit's nodes, the DC settings, the cache dtype and batch size, the
+    device, thread count and torch version, and `DC_REVISION`. Entries are written atomically; one that does
+    not load or does not match is a miss, recomputed and overwritten."""
 
     def __init__(self, root: str | Path, fp_model: nn.Module, calib: torch.Tensor, *, batch_size: int,
                  dtype: torch.dtype, device: torch.device, dist: Dist = SINGLE):
@@ -143,7 +165,7 @@ class DCStore:
         h = hashlib.sha256(state_sha256(fp_model).encode())
         h.update(calib.detach().cpu().contiguous().numpy())
         h.update(json.dumps([list(calib.shape), str(calib.dtype), dist.rank, dist.world_size, batch_size,
-                             str(dtype), compute_tag(device), torch.__version__]).encode())
+                             str(dtype), compute_tag(device), torch.__version__, DC_REVISION]).encode())
         self.base = h
 
     def path(self, unit: Unit, cfg: DCConfig) -> Path:

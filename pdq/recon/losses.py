@@ -60,6 +60,30 @@ class RoundingRegularizer:
         return sum(rounding_penalty(h, beta) for h in hs)
 
 
+class _SpatialVarMean(torch.autograd.Function):
+    """Per-sample, per-channel variance (Bessel-corrected) and mean over the positions (every dim after the
+    first two). Forward: two passes (the mean, then the norm of the centred values), stable and about 3x faster
+    on a CPU than `torch.var_mean`'s Welford loop. Backward: one pass over the centred values d,
+    d/da = s * d + g_mean / n with s = 2 g_var / (n - 1), where autograd's `var_mean` backward takes several
+    passes and temporaries. This memory-bound step is most of DC's cost on a CPU."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dims = tuple(range(2, a.dim()))
+        mean = a.mean(dims, keepdim=True)
+        centred = a - mean
+        var = torch.linalg.vector_norm(centred, 2, dim=dims).square_().div_(a[0, 0].numel() - 1)
+        ctx.save_for_backward(centred)
+        return var, mean.flatten(1)
+
+    @staticmethod
+    def backward(ctx, g_var: torch.Tensor, g_mean: torch.Tensor) -> torch.Tensor:
+        centred, = ctx.saved_tensors
+        n = centred[0, 0].numel()
+        spatial = (...,) + (None,) * (centred.dim() - 2)
+        return torch.addcmul((g_mean / n)[spatial], centred, (g_var * (2.0 / (n - 1)))[spatial])
+
+
 def bn_statistics_loss(inputs: list[torch.Tensor], bns: list[nn.Module], denominator: int | None = None
                        ) -> torch.Tensor:
     """DC's BN term: for each BatchNorm, sum over channels of (per-sample mean - running mean)^2 and
@@ -70,13 +94,12 @@ def bn_statistics_loss(inputs: list[torch.Tensor], bns: list[nn.Module], denomin
     and only the mean term counts."""
     loss = inputs[0].new_zeros(())
     for a, bn in zip(inputs, bns):
-        a = a.flatten(2) if a.dim() > 2 else a.unsqueeze(-1)  # [N, C, positions]
-        if a.shape[-1] > 1:
-            var, mean = torch.var_mean(a, -1, correction=1)  # one pass for both
+        if a[0, 0].numel() > 1:
+            var, mean = _SpatialVarMean.apply(a)
             sigma = torch.sqrt(var + BN_EPS)
             loss = loss + (sigma - torch.sqrt(bn.running_var + BN_EPS)).pow(2).sum(1).mean()
         else:
-            mean = a.squeeze(-1)
+            mean = a.reshape(a.shape[:2])
         loss = loss + (mean - bn.running_mean).pow(2).sum(1).mean()
     return loss if denominator is None else loss * (len(inputs[0]) / denominator)
 
