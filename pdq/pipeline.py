@@ -138,7 +138,7 @@ def validate(cfg: DictConfig, check_model: bool = True) -> BitLayout:
         raise PdqError(f"calib.cache_dtype={cfg.calib.cache_dtype!r} is not accepted; accepted: float32, float16, "
                        f"bfloat16")
     check_bool("calib.channels_last", cfg.calib.channels_last)
-    check_bool("keep_freed_memory", cfg.get("keep_freed_memory", True))
+    check_bool("keep_freed_memory", cfg.keep_freed_memory)
     for key in ("size", "batch_size", "act_init_size"):
         value = cfg.calib[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
