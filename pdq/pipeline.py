@@ -73,11 +73,12 @@ ROOT_HINTS = {"pdq.data.ImageNetDataModule": "data=imagenet needs data.root=PATH
 def run_scope() -> Iterator[None]:
     """The process-wide settings a run changes, restored after it (so that a run leaves its process, e.g. the
     next job of a sequential multirun or a test session, as it found it): the Lightning log levels, torch's
-    deterministic-algorithms switch, WANDB_MODE (Lightning's offline WandbLogger sets it), and pdq's OmegaConf
+    deterministic-algorithms switches, WANDB_MODE (Lightning's offline WandbLogger sets it), and pdq's OmegaConf
     resolvers (registered for the run only)."""
     levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
     wandb_mode = os.environ.get("WANDB_MODE")
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -88,6 +89,7 @@ def run_scope() -> Iterator[None]:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
         if wandb_mode is None:
             os.environ.pop("WANDB_MODE", None)
         else:
@@ -283,6 +285,9 @@ def run_ranks(cfg: DictConfig, layout: BitLayout, method, datamodule, out_dir: P
     run wrote is exported at its end (tried on the quantized graph first, before the heavy work)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.use_deterministic_algorithms(bool(cfg.trainer.get("deterministic")), warn_only=True)
+    # without torch's NaN fill of every new tensor under deterministic algorithms: it guards only kernels that
+    # read memory they did not write, and costs a pass over every temporary (in DC, each over the whole set)
+    torch.utils.deterministic.fill_uninitialized_memory = False
     device = resolve_device(cfg, dist)
     wall_before = begin_part(out_dir, resume_state is not None, t0) if dist.main else 0.0
     logger = start_logger(cfg, resume_state is not None) if cfg.get("logger") and dist.main else None  # rank 0 logs

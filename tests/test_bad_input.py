@@ -208,6 +208,23 @@ def test_run_restores_global_state(make_cfg, no_heavy_work):
     assert {n: logging.getLogger(n).level for n in levels} == levels
 
 
+
+def test_run_computes_deterministically_without_filling_fresh_memory(make_cfg, monkeypatch):
+    """Deterministic algorithms on, torch's NaN fill of every new tensor off (a pass over each temporary), and
+    both switches restored after the run."""
+    seen = []
+
+    def heavy(*args, **kwargs):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory))
+        raise AssertionError("heavy work started")
+
+    monkeypatch.setattr(FashionMNISTDataModule, "setup", heavy)
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    with pytest.raises(AssertionError, match="heavy work started"):
+        run(make_cfg(*SMALL))
+    assert seen == [(True, False)]
+    assert torch.utils.deterministic.fill_uninitialized_memory is fill
+
 def test_run_context_takes_the_config_values():
     from pdq.context import RunContext
 

@@ -45,13 +45,13 @@ def test_fused_quantizer_matches_the_reference_values_and_gradients(bits, per_ch
     shape = (6, 1, 1) if per_channel else ()  # per channel: axis 1 of x
     scale = (torch.rand(shape, generator=g) * 0.05 + 0.02).requires_grad_(True)  # LSQ: learnable scale
     zero = torch.randint(0, 2 ** bits, shape, generator=g).float()
-    keep = torch.rand(x0.shape, generator=g) < 0.5 if dropping else None
+    keep = (torch.rand(x0.shape, generator=g) < 0.5).float() if dropping else None
     grads = []
     for fn in ("reference", "fused"):
         x = x0.clone().requires_grad_(True)
         if fn == "reference":
             y = fake_quantize(x, scale, zero, bits)
-            y = torch.where(keep, y, x) if dropping else y
+            y = torch.where(keep.bool(), y, x) if dropping else y
         else:
             y = fake_quantize_fused(x, scale, zero, bits, keep)
         (y * torch.linspace(-1, 2, y.numel()).view_as(y)).sum().backward()  # a gradient that differs per element
@@ -73,15 +73,24 @@ def test_fused_quantizer_refuses_a_learnable_zero_point():
 def test_bernoulli_mask_has_the_probability_and_the_layout_of_its_input(p):
     like = torch.empty(64, 8, 16, 16).contiguous(memory_format=torch.channels_last)
     mask = bernoulli_mask(like, p, torch.Generator().manual_seed(0))
-    assert mask.dtype == torch.bool and mask.shape == like.shape and mask.stride() == like.stride()
-    assert abs(mask.float().mean().item() - p) < 0.005
+    assert mask.dtype == torch.float32 and mask.shape == like.shape and mask.stride() == like.stride()
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert abs(mask.mean().item() - p) < 0.005
     again = bernoulli_mask(like, p, torch.Generator().manual_seed(0))
     assert torch.equal(mask, again)
     if 0 < p < 1:
         other = bernoulli_mask(like, p, torch.Generator().manual_seed(1))
         assert not torch.equal(mask, other)
-        assert abs(mask[:, 0].float().mean().item() - p) < 0.02  # every channel, not only some
+        assert abs(mask[:, 0].mean().item() - p) < 0.02  # every channel, not only some
     assert bernoulli_mask(torch.empty(7, 3), p, None).shape == (7, 3)  # odd sizes, default generator
+
+
+@pytest.mark.parametrize("p", [0.5, 0.3, 0.9])
+def test_bernoulli_mask_is_exact_beyond_eight_bits(p):
+    """0.5 is drawn from 8 bits per element, 0.3 and 0.9 from 16: with 8 bits they would be 0.3008 and 0.8984,
+    0.0008 and 0.0016 off, 7 and 14 standard deviations of the mean over 2^24 draws (the bound: 3.5)."""
+    mask = bernoulli_mask(torch.empty(2 ** 24), p, torch.Generator().manual_seed(3))
+    assert abs(mask.mean().item() - p) < 0.0004
 
 
 # --- no parameter gradients -----------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ class FakeQuantizer(nn.Module):
             self.set_qparams(*observer(x, self.bits, self.ch_axis))
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Fake-quantized x (in float32, also under autocast); with `keep`, only where it is True."""
+        """Fake-quantized x (in float32, also under autocast); with `keep` (float 0/1), only where it is 1."""
         if not self.active:
             return x
         if not bool(self.initialized):

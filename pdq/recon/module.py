@@ -83,15 +83,16 @@ class UnitReconstruction(L.LightningModule):
                 scheds.append(self.phase.scale_scheduler(opt))
         return opts, scheds
 
-    def unit_input(self, idx: torch.Tensor) -> torch.Tensor:
-        """The unit input of a batch (caches may be float16/bfloat16; the unit computes in float32)."""
+    def unit_input(self, idx: torch.Tensor, x_q: torch.Tensor | None = None) -> torch.Tensor:
+        """The unit input of a batch (caches may be float16/bfloat16; the unit computes in float32); `x_q`: the
+        batch's quantized-path input, when the caller has gathered it already."""
         c, input_prob = self.caches, self.phase.input_prob
-        if input_prob >= 1.0:
-            return c.x_q[idx].float()
         if input_prob <= 0.0:
             return c.x_fp[idx].float()
-        x_q, x_fp = c.x_q[idx].float(), c.x_fp[idx].float()
-        return torch.where(bernoulli_mask(x_q, input_prob, self.mask_generator), x_q, x_fp)
+        x_q = c.x_q[idx].float() if x_q is None else x_q
+        if input_prob >= 1.0:
+            return x_q
+        return torch.lerp(c.x_fp[idx].float(), x_q, bernoulli_mask(x_q, input_prob, self.mask_generator))
 
     def losses(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each term as it enters the total: rec_weight * L_rec + pd_weight * L_PD + round_weight * f_reg."""
@@ -100,7 +101,8 @@ class UnitReconstruction(L.LightningModule):
         out = out_q = None
         if ph.uses_pd and ph.pd_branch_drop and ph.rec_weight > 0:
             # PD-Quant: one forward of [mixed half ; quantized half], dropping on in both (spec §5.2)
-            out, out_q = self.unit(torch.cat([self.unit_input(idx), c.x_q[idx].float()])).split(len(idx))
+            x_q = c.x_q[idx].float()
+            out, out_q = self.unit(torch.cat([self.unit_input(idx, x_q), x_q])).split(len(idx))
         else:
             if ph.rec_weight > 0:
                 out = self.unit(self.unit_input(idx))
