@@ -62,6 +62,8 @@ QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 #: the config groups whose numbers must be finite (the other groups check their own values)
 CHECKED_GROUPS = ("calib", "data", "trainer")
 SEED_MAX = 2 ** 32 - 1
+#: unset during a run (see `run_scope`)
+NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 #: what a data module's missing `data.root` must hold
 ROOT_HINTS = {"pdq.data.ImageNetDataModule": "data=imagenet needs data.root=PATH; accepted: a folder holding train/ "
                                              "and val/ class folders",
@@ -74,12 +76,16 @@ def run_scope() -> Iterator[None]:
     """The process-wide settings a run changes, restored after it (so that a run leaves its process, e.g. the
     next job of a sequential multirun or a test session, as it found it): the Lightning log levels, torch's
     deterministic-algorithms switches, WANDB_MODE (Lightning's offline WandbLogger sets it), and pdq's OmegaConf
-    resolvers (registered for the run only)."""
+    resolvers (registered for the run only). During the run PYTORCH_NVML_BASED_CUDA_CHECK is unset: Lightning sets
+    it when imported, and with it every `torch.cuda.is_available()` (each optimizer step asks) loads NVML anew on
+    a machine without a GPU, about 0.2 ms a call. (The check exists to keep CUDA out of forked processes; the only
+    ones a run forks, data loader workers, use no CUDA.)"""
     levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     fill = torch.utils.deterministic.fill_uninitialized_memory
     wandb_mode = os.environ.get("WANDB_MODE")
+    nvml_check = os.environ.pop(NVML_CHECK, None)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
@@ -90,10 +96,11 @@ def run_scope() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.utils.deterministic.fill_uninitialized_memory = fill
-        if wandb_mode is None:
-            os.environ.pop("WANDB_MODE", None)
-        else:
-            os.environ["WANDB_MODE"] = wandb_mode
+        for var, value in (("WANDB_MODE", wandb_mode), (NVML_CHECK, nvml_check)):
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
 
 
 def _missing_keys(node, prefix: str = "") -> list[str]:

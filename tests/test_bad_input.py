@@ -5,6 +5,7 @@ never loses or corrupts an artifact; a run leaves its process's global state as 
 import gzip
 import json
 import logging
+import os
 import struct
 
 import numpy as np
@@ -210,20 +211,24 @@ def test_run_restores_global_state(make_cfg, no_heavy_work):
 
 
 def test_run_computes_deterministically_without_filling_fresh_memory(make_cfg, monkeypatch):
-    """Deterministic algorithms on, torch's NaN fill of every new tensor off (a pass over each temporary), and
-    both switches restored after the run."""
+    """Deterministic algorithms on, torch's NaN fill of every new tensor off (a pass over each temporary), no
+    NVML-based CUDA check (a library load at every optimizer step on a machine without a GPU), and all three
+    restored after the run."""
     seen = []
 
     def heavy(*args, **kwargs):
-        seen.append((torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory))
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory,
+                     os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")))
         raise AssertionError("heavy work started")
 
     monkeypatch.setattr(FashionMNISTDataModule, "setup", heavy)
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # as importing Lightning does
     fill = torch.utils.deterministic.fill_uninitialized_memory
     with pytest.raises(AssertionError, match="heavy work started"):
         run(make_cfg(*SMALL))
-    assert seen == [(True, False)]
+    assert seen == [(True, False, None)]
     assert torch.utils.deterministic.fill_uninitialized_memory is fill
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
 
 def test_run_context_takes_the_config_values():
     from pdq.context import RunContext
