@@ -209,7 +209,6 @@ def test_run_restores_global_state(make_cfg, no_heavy_work):
     assert {n: logging.getLogger(n).level for n in levels} == levels
 
 
-
 def test_run_computes_deterministically_without_filling_fresh_memory(make_cfg, monkeypatch):
     """Deterministic algorithms on, torch's NaN fill of every new tensor off (a pass over each temporary), no
     NVML-based CUDA check (a library load at every optimizer step on a machine without a GPU), and all three
@@ -229,6 +228,7 @@ def test_run_computes_deterministically_without_filling_fresh_memory(make_cfg, m
     assert seen == [(True, False, None)]
     assert torch.utils.deterministic.fill_uninitialized_memory is fill
     assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
+
 
 def test_run_context_takes_the_config_values():
     from pdq.context import RunContext
