@@ -105,8 +105,8 @@ def bernoulli_mask(like: torch.Tensor, p: float, generator: torch.Generator | No
     if p <= 0 or p >= 1:
         return torch.full_like(like, float(p >= 1), dtype=torch.float32)
     n = like.numel()
-    levels = 256 if float(p * 256).is_integer() else 65536
-    dtype, per_word = (torch.int8, 8) if levels == 256 else (torch.int16, 4)
+    dtype = torch.int8 if float(p * 256).is_integer() else torch.int16
+    levels, per_word = 2 ** (8 * dtype.itemsize), 8 // dtype.itemsize
     words = torch.empty(-(-n // per_word), dtype=torch.int64, device=like.device).random_(
         -2 ** 63, 2 ** 63 - 1, generator=generator)
     # 1 where the signed draw w < t: the integers t - w >= 1, clamped to [0, 1]
