@@ -22,6 +22,25 @@ def test_reconstruction_loss_sums_channels_and_averages_the_rest():
     assert reconstruction_loss(target, target, 2.0).item() == 0.0
 
 
+@pytest.mark.parametrize("shape,layout", [((8, 6, 5, 5), torch.channels_last), ((8, 6, 5, 5), torch.contiguous_format),
+                                          ((8, 10), torch.contiguous_format)])
+def test_squared_reconstruction_loss_has_autograds_gradients(shape, layout):
+    """p = 2 is a function of its own (fewer passes over memory): the value of the formula, the same gradients."""
+    g = torch.Generator().manual_seed(0)
+    out0, target0 = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    if len(shape) == 4:
+        out0 = out0.contiguous(memory_format=layout)
+    results = []
+    for loss_fn in (lambda o, t: reconstruction_loss(o, t, 2.0), lambda o, t: ((o - t) * (o - t)).sum(1).mean()):
+        out, target = out0.clone().requires_grad_(True), target0.clone().requires_grad_(True)
+        loss = loss_fn(out, target)
+        (3 * loss).backward()
+        results.append((loss.item(), out.grad, target.grad))
+    (value, g_out, g_target), (ref, g_out_ref, g_target_ref) = results
+    assert value == pytest.approx(ref, rel=1e-6)
+    assert torch.equal(g_out, g_out_ref) and torch.equal(g_target, g_target_ref)
+
+
 def test_prediction_difference_is_the_tempered_kl_without_t_squared():
     torch.manual_seed(0)
     z_q, z_fp, t = torch.randn(5, 10), torch.randn(5, 10), 4.0

@@ -79,7 +79,8 @@ def instantiate_data(cfg):
 
 @pytest.mark.parametrize("model", ["resnet20_fmnist", "mobilenetv2_fmnist"])
 def test_w8a8_rtn_within_one_point_of_fp(make_cfg, model):
-    res = run(make_cfg(f"model={model}", "method=rtn_minmax", "quant=w8a8", "calib.size=256", "logger=none"))
+    res = run(make_cfg(f"model={model}", "method=rtn_minmax", "quant=w8a8", "calib.size=256",
+                       "data.eval_subset=2000", "logger=none"))
     assert res["fp_top1"] - res["quant_top1"] <= 1.0, res
 
 

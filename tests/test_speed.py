@@ -18,6 +18,7 @@ from pdq.models import build_model
 from pdq.models.fmnist import mobilenetv2_fmnist, resnet20_fmnist
 from pdq.pipeline import run
 from pdq.quant import quantize_model
+from pdq.quant.adaround import AdaRoundQuantizer
 from pdq.quant.functional import bernoulli_mask, fake_quantize, fake_quantize_fused
 from pdq.quant.observers import MinMaxObserver
 from pdq.quant.state import calibrate_activations, calibrate_weights
@@ -25,9 +26,12 @@ from pdq.recon import find_units
 from pdq.recon.dc import DCStore, correct, fp_twin
 from pdq.recon.engine import ReconstructionEngine
 from pdq.recon.inputs import UnitInputs
+from pdq.recon.losses import rounding_penalty
+from pdq.recon.module import Caches
 from pdq.recon.subgraph import prefix
 from tests.conftest import ROOT, make_dc
 from tests.test_graph import randomize_bn
+from tests.test_recon import calibrated_weight_quantizer
 
 TINY = ["model=resnet20_fmnist", "calib.size=32", "calib.act_init_size=32", "data.eval_subset=200", "logger=none",
         "method.iters=3", "model.ptq.dc_steps=2", "quant=w2a4", "seed=5"]
@@ -64,6 +68,34 @@ def test_fused_quantizer_matches_the_reference_values_and_gradients(bits, per_ch
     assert gs.abs().sum() > 0 and (gx == 0).any() and (gx != 0).any()  # clipped and passed elements both present
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_soft_rounding_matches_autograds_formula_values_and_gradients(bits):
+    """AdaRound's soft weight as one autograd node (with h(V) for the regulariser) against the formula
+    s * (clamp(floor(W/s) + h(V) + z, 0, 2^b - 1) - z), h(V) = clamp(sigmoid(V) * 1.2 - 0.1, 0, 1)."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(6, 3, 3, 3, generator=g)
+    ada = AdaRoundQuantizer(calibrated_weight_quantizer(w, bits), w)
+    with torch.no_grad():
+        ada.alpha.mul_(3).add_(torch.randn(ada.alpha.shape, generator=g) * 4)  # h clamped at 0 and 1 somewhere
+        ada.alpha[0, 0] = 1e6  # saturated
+    s, z = ada.scale, ada.zero_point
+    upstream = torch.linspace(-1, 2, w.numel()).view_as(w)
+    grads = []
+    for fn in ("reference", "fused"):
+        if fn == "reference":
+            h = torch.clamp(torch.sigmoid(ada.alpha) * 1.2 - 0.1, 0, 1)
+            y = s * (torch.clamp(torch.floor(w / s) + h + z, 0, 2 ** bits - 1) - z)
+        else:
+            y, h = ada(w), ada.last_h
+        ((y * upstream).sum() + rounding_penalty(h, 3.0)).backward()
+        grads.append((y.detach(), h.detach(), ada.alpha.grad))
+        ada.alpha.grad = None
+    (y_ref, h_ref, g_ref), (y, h, g) = grads
+    assert torch.equal(y, y_ref) and torch.equal(h, h_ref)
+    assert torch.allclose(g, g_ref, rtol=1e-5, atol=1e-7)
+    assert (g == 0).any() and (g != 0).any() and ((h == 0) | (h == 1)).any()
+
+
 def test_fused_quantizer_refuses_a_learnable_zero_point():
     with pytest.raises(ValueError, match="zero point"):
         fake_quantize_fused(torch.randn(4), torch.tensor(0.1), torch.tensor(1.0, requires_grad=True), 4)
@@ -85,12 +117,33 @@ def test_bernoulli_mask_has_the_probability_and_the_layout_of_its_input(p):
     assert bernoulli_mask(torch.empty(7, 3), p, None).shape == (7, 3)  # odd sizes, default generator
 
 
-@pytest.mark.parametrize("p", [0.5, 0.3, 0.9])
+@pytest.mark.parametrize("p", [0.5, 0.25, 0.3, 0.9])
 def test_bernoulli_mask_is_exact_beyond_eight_bits(p):
-    """0.5 is drawn from 8 bits per element, 0.3 and 0.9 from 16: with 8 bits they would be 0.3008 and 0.8984,
-    0.0008 and 0.0016 off, 7 and 21 standard deviations of the mean over 2^24 draws (the bound: 3.3 to 5.5)."""
+    """0.5 is drawn from one bit per element, 0.25 from 8, 0.3 and 0.9 from 16: with 8 bits they would be 0.3008
+    and 0.8984, 0.0008 and 0.0016 off, 7 and 21 standard deviations of the mean over 2^24 draws (the bound: 3.3
+    to 5.5)."""
     mask = bernoulli_mask(torch.empty(2 ** 24), p, torch.Generator().manual_seed(3))
     assert abs(mask.mean().item() - p) < 0.0004
+
+
+@pytest.mark.parametrize("p", [0.5, 0.25, 0.3])
+@pytest.mark.parametrize("offset", [1, 2 ** 17])  # neighbours; for p = 0.5, two bits of one random byte
+def test_bernoulli_mask_elements_are_independent(p, offset):
+    mask = bernoulli_mask(torch.empty(2 ** 20), p, torch.Generator().manual_seed(4))
+    both = (mask[:-offset] * mask[offset:]).mean().item()
+    assert abs(both - p * p) < 0.003  # 6 standard deviations; the same draw twice would give p
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cache_rows_are_the_indexed_rows_in_float32(layout, dtype):
+    x = torch.randn(64, 8, 5, 5).to(dtype).contiguous(memory_format=layout)
+    caches = Caches(x_q=x, x_fp=None, y_fp=x, logits=torch.randn(64, 10))
+    idx = torch.tensor([3, 1, 3, 63, 0])
+    rows = caches.rows("x_q", idx)
+    assert rows.dtype == torch.float32 and torch.equal(rows, x[idx].float())
+    assert rows.is_contiguous(memory_format=layout)
+    assert torch.equal(caches.rows("logits", idx), caches.logits[idx])
 
 
 # --- no parameter gradients -----------------------------------------------------------------------------------------

@@ -55,16 +55,25 @@ def _unit_step(t: torch.Tensor) -> torch.Tensor:
     return t.clamp_(0, 1)
 
 
+def inside_grid(values: torch.Tensor, grid: torch.Tensor, q_max: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`values` where the grid index is strictly inside (0, q_max), 0 at and beyond the ends (torch.clamp's
+    gradient with number bounds), in one pass (into `out`, which may be `values`)."""
+    if out is None:
+        return torch.ops.aten.hardtanh_backward(values, grid, 0, q_max)
+    return torch.ops.aten.hardtanh_backward.grad_input(values, grid, 0, q_max, grad_input=out)
+
+
 class _FakeQuantize(torch.autograd.Function):
     """`fake_quantize` (and QDrop's selection) as one autograd node: the forward works in place on one
-    buffer, the backward recomputes the grid index from the input. Same values as `fake_quantize`; the same
-    gradients (STE for the input, LSQ for the scale) up to float rounding. Masks are float 0/1 tensors."""
+    buffer, the backward recomputes the grid index from the input in two more. Same values as `fake_quantize`;
+    the same gradients (STE for the input, LSQ for the scale) up to float rounding. Masks are float 0/1 tensors.
+    On a CPU the step is bound by memory traffic: each new buffer and each pass counts."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, q_max, keep):
         y = torch.div(x, scale).round_().add_(zero_point).clamp_(0, q_max).sub_(zero_point).mul_(scale)
         if keep is not None:
-            y = torch.lerp(x, y, keep)  # exact at weights 0 and 1: x where keep is 0, y where it is 1
+            torch.lerp(x, y, keep, out=y)  # exact at weights 0 and 1: x where keep is 0, y where it is 1
         ctx.save_for_backward(x, scale, zero_point, keep)
         ctx.q_max = q_max
         return y
@@ -74,16 +83,17 @@ class _FakeQuantize(torch.autograd.Function):
         x, scale, zero_point, keep = ctx.saved_tensors
         v = torch.div(x, scale)
         grid = torch.round(v).add_(zero_point)  # the grid index before clamping, integer-valued
-        # inside the open range (0, q_max), as torch.clamp's gradient: none at the grid ends
-        inside = _unit_step(grid.clone()).mul_(_unit_step(torch.rsub(grid, ctx.q_max)))
         grad_x = grad_scale = None
         if ctx.needs_input_grad[0]:  # STE inside the range; a dropped (FP) element passes its gradient
-            grad_x = grad * (inside if keep is None else inside.sub(1).mul_(keep).add_(1))
+            grad_x = inside_grid(grad, grid, ctx.q_max)
+            if keep is not None:
+                torch.lerp(grad, grad_x, keep, out=grad_x)
         if ctx.needs_input_grad[1]:  # LSQ: round(x/s) - x/s inside, the clipped grid end outside
-            lsq = grid.clamp_(0, ctx.q_max).sub_(zero_point).sub_(v.mul_(inside))
+            inside = inside_grid(v, grid, ctx.q_max, out=v)
+            lsq = grid.clamp_(0, ctx.q_max).sub_(zero_point).sub_(inside)
             if keep is not None:
                 lsq.mul_(keep)
-            grad_scale = (grad * lsq).sum_to_size(scale.shape)
+            grad_scale = lsq.mul_(grad).sum_to_size(scale.shape)
         return grad_x, grad_scale, None, None, None
 
 
@@ -99,18 +109,33 @@ def fake_quantize_fused(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.
 
 def bernoulli_mask(like: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
     """Float 0/1 tensor shaped (and laid out in memory) like `like`, each element 1 with probability p, exact
-    to 1/65536: 16 random bits per element (four per 64-bit draw), or 8 where p is a multiple of 1/256 (as
-    QDrop's 0.5), a third or a sixth of the time of `torch.rand(shape) < p` on a 2-core CPU. Float, not bool:
-    selecting by it is `torch.lerp`, several times cheaper than `torch.where` on a CPU."""
+    to 1/65536: one random bit per element for p = 0.5 (QDrop's), 8 where p is a multiple of 1/256, 16
+    otherwise, several times faster on a CPU than `torch.rand(shape) < p`. Float, not bool: selecting by it is
+    `torch.lerp`, several times cheaper than `torch.where` on a CPU."""
     if p <= 0 or p >= 1:
         return torch.full_like(like, float(p >= 1), dtype=torch.float32)
     n = like.numel()
-    dtype = torch.int8 if float(p * 256).is_integer() else torch.int16
-    levels, per_word = 2 ** (8 * dtype.itemsize), 8 // dtype.itemsize
-    words = torch.empty(-(-n // per_word), dtype=torch.int64, device=like.device).random_(
-        -2 ** 63, 2 ** 63 - 1, generator=generator)
-    # 1 where the signed draw w < t: the integers t - w >= 1, clamped to [0, 1]
-    flat = _unit_step(words.view(dtype)[:n].float().neg_().add_(round(p * levels) - levels // 2))
-    if like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+    if p == 0.5:  # element j * len(bytes) + i is bit j of random byte i
+        data = _random_bits(n, like.device, generator).view(torch.uint8)
+        shifts = torch.arange(8, dtype=torch.uint8, device=like.device).unsqueeze(1)
+        flat = torch.bitwise_right_shift(data, shifts).bitwise_and_(1).view(-1)[:n].float()
+    else:
+        dtype = torch.int8 if float(p * 256).is_integer() else torch.int16
+        levels = 2 ** (8 * dtype.itemsize)
+        # 1 where the signed draw w < t: the integers t - w >= 1, clamped to [0, 1]
+        draws = _random_bits(8 * dtype.itemsize * n, like.device, generator).view(dtype)[:n]
+        flat = _unit_step(draws.float().neg_().add_(round(p * levels) - levels // 2))
+    if is_channels_last(like):
         return flat.as_strided(like.shape, like.stride())  # i.i.d. elements: any dense layout is the same draw
     return flat.view(like.shape)
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """A 4-d tensor laid out channels-last (and not also contiguous, as a tensor with one channel or pixel is)."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _random_bits(n: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """At least n uniformly random bits, as 64-bit words."""
+    return torch.empty(-(-n // 64), dtype=torch.int64, device=device).random_(-2 ** 63, 2 ** 63 - 1,
+                                                                               generator=generator)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from pdq.quant.adaround import AdaRoundQuantizer
-from pdq.quant.functional import bernoulli_mask
+from pdq.quant.functional import bernoulli_mask, is_channels_last
 from pdq.quant.state import dropping
 from pdq.recon.losses import RoundingRegularizer, prediction_difference, reconstruction_loss
 from pdq.recon.phase import Phase
@@ -28,6 +28,15 @@ class Caches:
 
     def __len__(self) -> int:
         return len(self.y_fp)
+
+    def rows(self, name: str, idx: torch.Tensor) -> torch.Tensor:
+        """Rows `idx` of cache `name` in float32 (caches may be float16/bfloat16; the unit computes in float32):
+        `index_select` over a row-major view, several times faster on a CPU than `t[idx]` (which gathers
+        element by element), for channels-last caches too."""
+        t = getattr(self, name)
+        if is_channels_last(t):
+            return torch.index_select(t.permute(0, 2, 3, 1), 0, idx).permute(0, 3, 1, 2).float()
+        return torch.index_select(t, 0, idx).float()
 
 
 class IndexBatches(IterableDataset):
@@ -84,15 +93,16 @@ class UnitReconstruction(L.LightningModule):
         return opts, scheds
 
     def unit_input(self, idx: torch.Tensor, x_q: torch.Tensor | None = None) -> torch.Tensor:
-        """The unit input of a batch (caches may be float16/bfloat16; the unit computes in float32); `x_q`: the
-        batch's quantized-path input, when the caller has gathered it already."""
+        """The unit input of a batch; `x_q`: the batch's quantized-path input, when the caller has gathered it
+        already."""
         c, input_prob = self.caches, self.phase.input_prob
         if input_prob <= 0.0:
-            return c.x_fp[idx].float()
-        x_q = c.x_q[idx].float() if x_q is None else x_q
+            return c.rows("x_fp", idx)
+        x_q = c.rows("x_q", idx) if x_q is None else x_q
         if input_prob >= 1.0:
             return x_q
-        return torch.lerp(c.x_fp[idx].float(), x_q, bernoulli_mask(x_q, input_prob, self.mask_generator))
+        mask = bernoulli_mask(x_q, input_prob, self.mask_generator)
+        return torch.lerp(c.rows("x_fp", idx), x_q, mask, out=mask)  # into the mask: one buffer fewer
 
     def losses(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each term as it enters the total: rec_weight * L_rec + pd_weight * L_PD + round_weight * f_reg."""
@@ -101,25 +111,26 @@ class UnitReconstruction(L.LightningModule):
         out = out_q = None
         if ph.uses_pd and ph.pd_branch_drop and ph.rec_weight > 0:
             # PD-Quant: one forward of [mixed half ; quantized half], dropping on in both (spec §5.2)
-            x_q = c.x_q[idx].float()
+            x_q = c.rows("x_q", idx)
             out, out_q = self.unit(torch.cat([self.unit_input(idx, x_q), x_q])).split(len(idx))
         else:
             if ph.rec_weight > 0:
                 out = self.unit(self.unit_input(idx))
             if ph.uses_pd:
-                x_q = c.x_q[idx].float()
+                x_q = c.rows("x_q", idx)
                 if ph.pd_branch_drop:
                     out_q = self.unit(x_q)
                 else:
                     with dropping(self.drop_quantizers, 1.0, None):
                         out_q = self.unit(x_q)
         if out is not None:
-            terms["rec_loss"] = ph.rec_weight * reconstruction_loss(out, c.y_fp[idx].float(), ph.rec_p)
+            terms["rec_loss"] = ph.rec_weight * reconstruction_loss(out, c.rows("y_fp", idx), ph.rec_p)
         if ph.uses_pd:
-            rest = (out_q,) if c.rest_input is None else (out_q, c.rest_input[idx].float())
-            terms["pd_loss"] = ph.pd_weight * prediction_difference(self.suffix(*rest), c.logits[idx], ph.temperature)
+            rest = (out_q,) if c.rest_input is None else (out_q, c.rows("rest_input", idx))
+            terms["pd_loss"] = ph.pd_weight * prediction_difference(self.suffix(*rest), c.rows("logits", idx),
+                                                                    ph.temperature)
         if len(self.adarounds):
-            reg = self.regularizer((q.h() for q in self.adarounds), self.t + 1)  # steps count from 1
+            reg = self.regularizer((q.last_h for q in self.adarounds), self.t + 1)  # steps count from 1
             ref = out if out is not None else out_q
             terms["round_loss"] = ph.round_weight * reg if reg is not None else ref.new_zeros(())
         terms["loss"] = sum(terms.values())
