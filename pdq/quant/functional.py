@@ -65,7 +65,8 @@ def inside_grid(values: torch.Tensor, grid: torch.Tensor, q_max: int, out: torch
 
 class _FakeQuantize(torch.autograd.Function):
     """`fake_quantize` (and QDrop's selection) as one autograd node: the forward works in place on one
-    buffer, the backward recomputes the grid index from the input in two more. Same values as `fake_quantize`;
+    buffer; the backward recomputes the grid index from the input and needs three (x / s, the grid index, the
+    input's gradient). Same values as `fake_quantize`;
     the same gradients (STE for the input, LSQ for the scale) up to float rounding. Masks are float 0/1 tensors.
     On a CPU the step is bound by memory traffic: each new buffer and each pass counts."""
 
