@@ -11,6 +11,9 @@ the paper's settings), into `<out dir>/runs/<model>_<method>_<bits>` (a finished
 defaults (integer kernels), the largest logit difference (also in head steps: s_in * max_j sum_i |W_ji| of the
 classifier), the export time and the sizes of the float state dict, the integer checkpoint and the ONNX file.
 
+`--runs DIR ...`: the parity rows of finished run dirs instead (e.g. a sweep's jobs, any backend), each exported
+again.
+
 Latency: each model's FP32 ONNX (torch.onnx.export of the float model) against the W8A8 QDQ export, on
 onnxruntime's CPU provider with `--threads` threads, batch 1 and 64: median ms over `--reps` runs after warm-up.
 Not part of the test suite."""
@@ -65,6 +68,7 @@ def parity_row(run_dir: Path, results: dict, x, y) -> dict:
     theirs = onnx_logits(session(path), x)
     diff = (ours - theirs).abs().max().item()
     row = {"model": results["model"], "method": results["method"], "bits": f"W{results['w_bits']}A{results['a_bits']}",
+           "backend": results.get("backend", "academic"), "seed": results["seed"], "run_dir": str(run_dir),
            "pdq_top1": results["quant_top1"], "load_top1": round(100 * (ours.argmax(1) == y).float().mean().item(), 2),
            "ort_top1": round(100 * (theirs.argmax(1) == y).float().mean().item(), 2),
            "pred_mismatch": int((ours.argmax(1) != theirs.argmax(1)).sum()), "max_logit_diff": round(diff, 6),
@@ -118,11 +122,12 @@ def latency_rows(args) -> list[dict]:
 def markdown(parity: list[dict], latency: list[dict]) -> str:
     lines = []
     if parity:
-        lines += ["| model | bits | method | pdq top-1 | ORT top-1 | differing predictions | max abs logit diff "
-                  "(head steps) | FP32 state | int checkpoint | ONNX | export s |", "|" + " --- |" * 11]
+        lines += ["| model | bits | method | backend | pdq top-1 | ORT top-1 | differing predictions | max abs logit "
+                  "diff (head steps) | FP32 state | int checkpoint | ONNX | export s |", "|" + " --- |" * 12]
         for r in parity:
             fused = f" (int kernels: {r['ort_fused_top1']:.2f})" if "ort_fused_top1" in r else ""
-            lines.append(f"| {r['model']} | {r['bits']} | {r['method']} | {r['pdq_top1']:.2f} | {r['ort_top1']:.2f}"
+            lines.append(f"| {r['model']} | {r['bits']} | {r['method']} | {r.get('backend', 'academic')} "
+                         f"| {r['pdq_top1']:.2f} | {r['ort_top1']:.2f}"
                          f"{fused} | {r['pred_mismatch']} | {r['max_logit_diff']:.2g} ({r['max_diff_head_steps']:.2g}) "
                          f"| {r['fp32_bytes'] / 1024:.0f} KiB | {r['int_bytes'] / 1024:.0f} KiB | "
                          f"{r['onnx_bytes'] / 1024:.0f} KiB | {r['export_s']:.1f} |")
@@ -145,6 +150,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=256)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--runs", type=Path, nargs="+", help="parity of these finished run dirs (instead of new runs)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=200)
     args = ap.parse_args()
@@ -162,14 +168,16 @@ def main() -> None:
         dm.setup()
         x, y = map(torch.cat, zip(*dm.test_dataloader()))
         out["parity"] = []
-        for model in args.models:
-            for bits in args.bits:
-                for method in args.methods:
-                    run_dir = args.out.parent / "runs" / f"{model}_{method}_{bits}"
-                    results = quantized_run(run_dir, model, method, bits, args)
-                    out["parity"].append(parity_row(run_dir, results, x, y))
-                    print(json.dumps(out["parity"][-1]), flush=True)
-                    atomic_write_json(args.out, out)
+        jobs = [(run_dir, json.loads((run_dir / "results.json").read_text())) for run_dir in args.runs or []]
+        if not args.runs:
+            jobs = ((args.out.parent / "runs" / f"{model}_{method}_{bits}", model, method, bits)
+                    for model in args.models for bits in args.bits for method in args.methods)
+            jobs = ((run_dir, quantized_run(run_dir, model, method, bits, args))
+                    for run_dir, model, method, bits in jobs)
+        for run_dir, results in jobs:
+            out["parity"].append(parity_row(run_dir, results, x, y))
+            print(json.dumps(out["parity"][-1]), flush=True)
+            atomic_write_json(args.out, out)
     if "latency" in args.parts:
         out["latency"] = latency_rows(args)
     out["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

@@ -127,7 +127,8 @@ def quantize(model: nn.Module, calib, *, method: str = "pdquant", bits: str = "w
     """Quantize `model` with `method` at `bits` (a `conf/quant` name: w4a4, w2a4, ...) from the calibration
     images `calib` (a [N, C, H, W] tensor, a Dataset or a DataLoader): the same engine, defaults, progress
     and logging as `run.py`. `overrides` use the config's names: `iters=200`, `calib_size=512`, `seed=0`,
-    `method.drop_prob=0.5`, `trainer="gpu"`; an unknown name is an error. By default every given image is
+    `method.drop_prob=0.5`, `trainer="gpu"`, `backend="onnxruntime"` (quant.backend: the quantizers and grids of
+    a runtime's integer kernels, `pdq.quant.backends`); an unknown name is an error. By default every given image is
     calibration data (calib.size = N, and batch / activation-init sizes at most N). `eval_data`, a loader
     of (image, label) batches, adds FP and quantized top-1. The files of a run (results.json,
     quantized_model.pt, quantized_int.safetensors, the CSV log; quantized_model.onnx with export="onnx") go to

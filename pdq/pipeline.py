@@ -43,6 +43,7 @@ from pdq.mixed import MixedLayout
 from pdq.mixed.sensitivity import model_cost
 from pdq.models.registry import check_input, check_model_config
 from pdq.quant import apply_layout, quantize_model
+from pdq.quant.graph import integer_plan
 from pdq.quant.layout import BitLayout
 from pdq.recon.engine import STATE_FILE
 from pdq.resume import (
@@ -300,7 +301,8 @@ def run_ranks(cfg: DictConfig, layout: BitLayout, method, datamodule, out_dir: P
     logger = start_logger(cfg, resume_state is not None) if cfg.get("logger") and dist.main else None  # rank 0 logs
     try:
         model = (model if model is not None else instantiate(cfg.model)).eval().to(device)
-        qmodel = quantize_model(model).to(device)  # cheap: the per-layer layout is resolved before the data
+        # cheap: the per-layer layout is resolved before the data
+        qmodel = quantize_model(model, backend=layout.backend).to(device)
         table = layout.resolve(qmodel)
         apply_layout(qmodel, table)
         datamodule.setup()
@@ -402,6 +404,8 @@ def quantize_and_evaluate(cfg, layout, table, datamodule, model, qmodel, method,
                      trainer=instantiate(cfg.trainer), logger=logger, out_dir=out_dir, resume_state=resume_state,
                      reconstruct_stem=layout.reconstruct_stem, fingerprint=fingerprint(cfg), fp_model=model,
                      dist=dist, cache_dir=cfg.paths.get("cache_dir"))
+    plan = integer_plan(qmodel)
+    log_integer_plan(plan)
     unit_table = method.unit_table(qmodel)
     log_unit_table(unit_table)
     t_q = time.time()
@@ -420,6 +424,7 @@ def quantize_and_evaluate(cfg, layout, table, datamodule, model, qmodel, method,
         "eval_images": len(test_loader.dataset) if test_loader is not None else 0,
         "quant_s": round(quant_seconds, 2), "versions": versions(),
         "unit_table": unit_table, "units": units, "layout": {"preset": layout.layout, **table},
+        "backend": layout.backend, "integer_plan": plan,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     results["cost"] = model_cost(qmodel, calib[:1].to(device), table)  # weight bits, MiB and BOPs (the report)
@@ -453,6 +458,18 @@ def write_int_checkpoint(cfg, model, qmodel, input_shape: list[int], out_dir: Pa
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
+
+
+def log_integer_plan(plan: dict) -> None:
+    """What the backend's integer kernels will run (`pdq.quant.graph.integer_plan`), each float layer named."""
+    total = len(plan["integer"]) + len(plan["float"])
+    if plan["backend"] == "academic":
+        log.info("backend=academic: the papers' placement and grids, a simulation (quant.backend=onnxruntime or "
+                 "tensorrt quantizes for a runtime's integer kernels)")
+        return
+    log.info("backend=%s: integer kernels for %d of %d layers and adds", plan["backend"], len(plan["integer"]), total)
+    for name, reason in plan["float"].items():
+        log.info("  stays float: %s (%s)", name, reason)
 
 
 def log_unit_table(rows: list[dict]) -> None:

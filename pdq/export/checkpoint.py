@@ -1,16 +1,18 @@
 """The integer checkpoint (`quantized_int.safetensors`) and `pdq.load`.
 
 The file holds, in safetensors (no pickle, loadable by any safetensors reader):
-* `<layer>.weight.codes`: the weight's integer codes, packed at their real width (`pdq.export.pack`);
+* `<layer>.weight.codes`: the weight's integer codes, packed at their real width (`pdq.export.pack`; signed codes
+  in two's complement);
 * `<layer>.weight_quant.scale` (float32, one per output channel) and `<layer>.weight_quant.zero_point` (uint8);
 * `<act quantizer>.scale` (float32) and `<act quantizer>.zero_point` (uint8), per tensor;
 * every other tensor of the quantized graph as it is (biases, BatchNorms that follow no conv, ...);
 * metadata `pdq`: a JSON object with the format and its version, the model's identity (how to rebuild the
-  float architecture), the input shape, the bit layout (bits and shape of each weight, bits of each
+  float architecture), the backend (`pdq.quant.backends`: where the quantizers sit and their grids; a file
+  without one is `academic`), the input shape, the bit layout (bits and shape of each weight, bits of each
   activation quantizer), the packing, and the versions that wrote it.
 A layer or activation quantizer at 32 bits (full precision) keeps its float weight and has no codes.
 
-Grid (spec §1.1): code = clamp(round(w / s) + z, 0, 2^b - 1), value = s * (code - z)."""
+Grid (spec §1.1, `pdq.quant.functional`): code = clamp(round(w / s) + z, q_min, q_max), value = s * (code - z)."""
 
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ from pdq.errors import PdqError, cause
 from pdq.export.pack import pack, unpack
 from pdq.io import atomic_write
 from pdq.quant import apply_layout, quantize_model
-from pdq.quant.functional import broadcast_to_channel, qmax
-from pdq.quant.graph import act_quant_names, quant_layer_names
+from pdq.quant.functional import broadcast_to_channel, from_codes, to_codes
+from pdq.quant.graph import act_quant_names, backend_of, quant_layer_names
 from pdq.quant.quantizers import FP_BITS
 
 INT_FILE = "quantized_int.safetensors"
@@ -53,11 +55,22 @@ def model_identity(model_cfg: dict, model: nn.Module) -> dict:
 
 
 def weight_codes(layer: nn.Module) -> torch.Tensor:
-    """The integer codes of a quantized layer's weight, by the arithmetic of its fake-quantizer."""
+    """The integer codes of a quantized layer's weight on its quantizer's grid (int64)."""
     wq = layer.weight_quant
     w = layer.weight.detach().float()
-    return torch.div(w, broadcast_to_channel(wq.scale, w, 0)).round_().add_(
-        broadcast_to_channel(wq.zero_point, w, 0)).clamp_(0, qmax(wq.bits))
+    return to_codes(w, broadcast_to_channel(wq.scale, w, 0), broadcast_to_channel(wq.zero_point, w, 0),
+                    wq.grid).long()
+
+
+def unsigned_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes as their `bits`-bit two's complement (unsigned codes unchanged): what `pack` stores."""
+    return codes.long() % (2 ** bits)
+
+
+def signed_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The signed codes of `bits`-bit two's complement values."""
+    codes = codes.long()
+    return torch.where(codes >= 2 ** (bits - 1), codes - 2 ** bits, codes)
 
 
 def int_tensors(qmodel: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict, dict]:
@@ -72,7 +85,7 @@ def int_tensors(qmodel: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict, 
         if wq.bits < FP_BITS:
             if not bool(wq.initialized):
                 raise PdqError(f"{name}'s weight quantizer was never calibrated; only a finished run is saved")
-            tensors[f"{name}.weight.codes"] = pack(weight_codes(layer), wq.bits)
+            tensors[f"{name}.weight.codes"] = pack(unsigned_codes(weight_codes(layer), wq.bits), wq.bits)
             tensors[f"{name}.weight_quant.scale"] = wq.scale.detach().float()
             tensors[f"{name}.weight_quant.zero_point"] = wq.zero_point.detach().to(torch.uint8)
             covered.add(f"{name}.weight")
@@ -95,7 +108,8 @@ def save_int(qmodel: fx.GraphModule, path: str | Path, *, identity: dict, input_
     from safetensors.torch import save
 
     tensors, weights, acts = int_tensors(qmodel)
-    meta = {"format": FORMAT, "version": VERSION, "model": identity, "input_shape": list(input_shape),
+    meta = {"format": FORMAT, "version": VERSION, "model": identity, "backend": backend_of(qmodel),
+            "input_shape": list(input_shape),
             "weights": weights, "acts": acts, "packing": PACKING,
             "versions": {"pdq": pdq.__version__, "torch": torch.__version__}, **(info or {})}
     return atomic_write(path, save(tensors, metadata={"pdq": json.dumps(meta)}))
@@ -165,11 +179,14 @@ def _restored_state(gm: fx.GraphModule, tensors: dict[str, torch.Tensor], meta: 
     for name, spec in meta["weights"].items():
         if spec["bits"] >= FP_BITS:
             continue
-        codes = unpack(tensors.pop(f"{name}.weight.codes"), spec["bits"], spec["shape"]).float()
+        codes = unpack(tensors.pop(f"{name}.weight.codes"), spec["bits"], spec["shape"])
+        if gm.get_submodule(name).weight_quant.signed:
+            codes = signed_codes(codes, spec["bits"])
+        codes = codes.float()
         scale = tensors.pop(f"{name}.weight_quant.scale").float()
         zero_point = tensors.pop(f"{name}.weight_quant.zero_point").float()
-        state[f"{name}.weight"] = (codes - broadcast_to_channel(zero_point, codes, 0)) * broadcast_to_channel(
-            scale, codes, 0)
+        state[f"{name}.weight"] = from_codes(codes, broadcast_to_channel(scale, codes, 0),
+                                             broadcast_to_channel(zero_point, codes, 0))
         state[f"{name}.weight_quant.scale"], state[f"{name}.weight_quant.zero_point"] = scale, zero_point
         state[f"{name}.weight_quant.initialized"] = torch.tensor(True)
     for name, bits in meta["acts"].items():
@@ -199,7 +216,8 @@ def load_with_meta(path: str | Path, device: str | torch.device = "cpu",
     """`load`, and the checkpoint's metadata."""
     source = int_file(path)
     tensors, meta = read_int(source)
-    gm = quantize_model(model if model is not None else build_float(meta["model"]))
+    gm = quantize_model(model if model is not None else build_float(meta["model"]),
+                        backend=meta.get("backend", "academic"))
     layers, acts = quant_layer_names(gm), act_quant_names(gm)
     if set(layers) != set(meta["weights"]) or set(acts) != set(meta["acts"]):
         diff = sorted(set(layers) ^ set(meta["weights"])) + sorted(set(acts) ^ set(meta["acts"]))

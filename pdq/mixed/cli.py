@@ -39,7 +39,7 @@ def sensitivity_run(overrides: list[str], out: Path | None) -> Path:
         datamodule = instantiate(cfg.data)
         datamodule.prepare_data()
         datamodule.setup()
-        gm = quantize_model(model).to(device)
+        gm = quantize_model(model, backend=layout.backend).to(device)
         apply_layout(gm, layout.resolve(gm))
         images = datamodule.calibration_set(cfg.calib.size, cfg.seed).to(device)
         settings = {"model": cfg.model.name, "calib_size": cfg.calib.size, "seed": cfg.seed}

@@ -1,4 +1,5 @@
-"""AdaRound learned rounding (spec §1.5): W~ = s * (clamp(floor(W/s) + h(V) + z, 0, 2^b - 1) - z),
+"""AdaRound learned rounding (spec §1.5): W~ = s * (clamp(floor(W/s) + h(V) + z, q_min, q_max) - z) on the weight
+quantizer's grid (the papers' [0, 2^b - 1]),
 h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1), V initialised so that h(V) = frac(W/s)."""
 
 from __future__ import annotations
@@ -6,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pdq.quant.functional import broadcast_to_channel, inside_grid, qmax
+from pdq.quant.functional import broadcast_to_channel, from_codes, inside_grid
 from pdq.quant.quantizers import WeightQuantizer
 
 ZETA, GAMMA = 1.1, -0.1
@@ -21,7 +22,7 @@ class AdaRoundQuantizer(nn.Module):
         super().__init__()
         if not bool(base.initialized):
             raise RuntimeError("AdaRound needs a calibrated weight quantizer")
-        self.bits, self.ch_axis = base.bits, base.ch_axis
+        self.bits, self.ch_axis, self.grid = base.bits, base.ch_axis, base.grid
         self.register_buffer("scale", broadcast_to_channel(base.scale.detach().clone(), weight, base.ch_axis))
         self.register_buffer("zero_point", broadcast_to_channel(base.zero_point.detach().clone(), weight,
                                                                 base.ch_axis))
@@ -31,42 +32,47 @@ class AdaRoundQuantizer(nn.Module):
         self.soft = True
         self.last_h: torch.Tensor | None = None
 
+    @property
+    def active(self) -> bool:
+        return True  # only an active weight quantizer is replaced (`pdq.quant.state.adaround`)
+
     def h(self) -> torch.Tensor:
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.soft:
-            y, self.last_h = _SoftRound.apply(self.alpha, w, self.scale, self.zero_point, qmax(self.bits))
+            y, self.last_h = _SoftRound.apply(self.alpha, w, self.scale, self.zero_point, self.grid.q_min,
+                                              self.grid.q_max)
             return y
-        q = torch.clamp(torch.floor(w / self.scale) + (self.alpha >= 0).to(w.dtype) + self.zero_point, 0,
-                        qmax(self.bits))
-        return (q - self.zero_point) * self.scale
+        q = torch.clamp(torch.floor(w / self.scale) + (self.alpha >= 0).to(w.dtype) + self.zero_point,
+                        self.grid.q_min, self.grid.q_max)
+        return from_codes(q, self.scale, self.zero_point)
 
     def harden(self) -> None:
         self.soft, self.last_h = False, None
 
 
 class _SoftRound(torch.autograd.Function):
-    """The soft-rounded weight s * (clamp(floor(W/s) + h(V) + z, 0, q_max) - z) and h(V) itself, as one autograd
+    """The soft-rounded weight s * (clamp(floor(W/s) + h(V) + z, q_min, q_max) - z) and h(V) itself, as one autograd
     node: the same values and gradients (for V) as autograd's graph of the formula, in about half the operations
     (on weight-sized tensors their count, not their size, is the cost)."""
 
     @staticmethod
-    def forward(ctx, alpha, w, scale, zero_point, q_max):
+    def forward(ctx, alpha, w, scale, zero_point, q_min, q_max):
         sig = torch.sigmoid(alpha)
         h = torch.mul(sig, ZETA - GAMMA).add_(GAMMA).clamp_(0, 1)
         grid = torch.div(w, scale).floor_().add_(h).add_(zero_point)
-        y = grid.clamp(0, q_max).sub_(zero_point).mul_(scale)
+        y = grid.clamp(q_min, q_max).sub_(zero_point).mul_(scale)
         ctx.save_for_backward(sig, h, grid, scale)
-        ctx.q_max = q_max
+        ctx.q_min, ctx.q_max = q_min, q_max
         ctx.set_materialize_grads(False)  # no zeros for h's gradient where h is not used (the warm-up)
         return y, h
 
     @staticmethod
     def backward(ctx, grad_y, grad_h):
         sig, h, grid, scale = ctx.saved_tensors
-        grad = inside_grid(grad_y * scale, grid, ctx.q_max)  # dy/dh = s inside the grid (as torch.clamp)
+        grad = inside_grid(grad_y * scale, grid, ctx.q_min, ctx.q_max)  # dy/dh = s inside the grid (as torch.clamp)
         if grad_h is not None:
             grad.add_(grad_h)
-        grad = inside_grid(grad, h, 1, out=grad).mul_(ZETA - GAMMA)  # h's clamp to [0, 1]
-        return torch.ops.aten.sigmoid_backward(grad, sig), None, None, None, None
+        grad = inside_grid(grad, h, 0, 1, out=grad).mul_(ZETA - GAMMA)  # h's clamp to [0, 1]
+        return torch.ops.aten.sigmoid_backward(grad, sig), None, None, None, None, None

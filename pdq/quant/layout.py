@@ -3,7 +3,8 @@
 Presets:
 * `pdquant`: stem weights 8 bit, stem output at a_bits, FC weights 8 bit, FC input 8 bit, logits FP.
 * `brecq`:   as pdquant but the stem output is 8 bit and the stem is not reconstructed.
-Any preset value can be overridden (`stem_w_bits`, `stem_out_bits`, `fc_w_bits`, `fc_in_bits`), and
+The model input, quantized under a runtime backend (`backend`, `pdq.quant.backends`), is 8 bit in both.
+Any preset value can be overridden (`stem_w_bits`, `stem_out_bits`, `fc_w_bits`, `fc_in_bits`, `in_bits`), and
 single quantizers by name in `per_layer` (a layer name sets its weight bits, an activation quantizer
 name such as `layer1.0.aq` its activation bits): a dict, or on the command line a list of
 `name:bits` strings (`quant.per_layer=[layer1.0.aq:8,conv1:4]`)."""
@@ -15,13 +16,17 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from pdq.errors import PdqError
-from pdq.quant.graph import act_quant_names, quant_layer_names, stem_and_head
+from pdq.quant.backends import get_backend
+from pdq.quant.graph import act_quant_names, input_quantizer, quant_layer_names, stem_and_head
 from pdq.quant.quantizers import check_bits
 
 PRESETS: dict[str, dict] = {
-    "pdquant": {"stem_w_bits": 8, "stem_out_bits": None, "fc_w_bits": 8, "fc_in_bits": 8, "reconstruct_stem": True},
-    "brecq": {"stem_w_bits": 8, "stem_out_bits": 8, "fc_w_bits": 8, "fc_in_bits": 8, "reconstruct_stem": False},
+    "pdquant": {"stem_w_bits": 8, "stem_out_bits": None, "fc_w_bits": 8, "fc_in_bits": 8, "in_bits": 8,
+                "reconstruct_stem": True},
+    "brecq": {"stem_w_bits": 8, "stem_out_bits": 8, "fc_w_bits": 8, "fc_in_bits": 8, "in_bits": 8,
+              "reconstruct_stem": False},
 }
+PRESET_KEYS = ("stem_w_bits", "stem_out_bits", "fc_w_bits", "fc_in_bits", "in_bits")
 
 
 @dataclass
@@ -33,7 +38,9 @@ class BitLayout:
     stem_out_bits: int | None = None
     fc_w_bits: int | None = None
     fc_in_bits: int | None = None
+    in_bits: int | None = None
     per_layer: dict[str, int] | list[str] = field(default_factory=dict)
+    backend: str = "academic"
 
     @property
     def label(self) -> str:
@@ -47,7 +54,8 @@ class BitLayout:
             self.per_layer = dict(_parse_override(item) for item in self.per_layer)
         if self.layout not in PRESETS:
             raise PdqError(f"quant.layout={self.layout!r} is unknown; accepted: {', '.join(PRESETS)}")
-        for key in ("w_bits", "a_bits", "stem_w_bits", "stem_out_bits", "fc_w_bits", "fc_in_bits"):
+        get_backend(self.backend)
+        for key in ("w_bits", "a_bits", *PRESET_KEYS):
             value = getattr(self, key)
             if value is not None:
                 try:
@@ -60,7 +68,7 @@ class BitLayout:
             except ValueError as e:
                 raise PdqError(str(e)) from None
         preset = PRESETS[self.layout]
-        for key in ("stem_w_bits", "stem_out_bits", "fc_w_bits", "fc_in_bits"):
+        for key in PRESET_KEYS:
             if getattr(self, key) is None:
                 setattr(self, key, preset[key] if preset[key] is not None else self.a_bits)
         self.reconstruct_stem = preset["reconstruct_stem"]
@@ -76,6 +84,9 @@ class BitLayout:
             act_bits[first_out] = self.stem_out_bits
         if last_in is not None:
             act_bits[last_in] = self.fc_in_bits
+        input_aq = input_quantizer(gm)
+        if input_aq is not None:
+            act_bits[input_aq] = self.in_bits
         for name, bits in self.per_layer.items():
             if name in weights:
                 weights[name] = bits

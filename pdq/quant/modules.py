@@ -1,5 +1,6 @@
-"""Quantized Conv2d / Linear: the float layer with a weight fake-quantizer in front of its weight.
-Activation quantizers are separate graph nodes (see `pdq.quant.graph`)."""
+"""Quantized Conv2d / Linear: the float layer with a weight fake-quantizer in front of its weight, and under a
+runtime backend its bias on the int32 grid of scale s_in * s_w. Activation quantizers are separate graph nodes
+(see `pdq.quant.graph`)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,37 @@ import torch
 from torch import nn
 from torch.nn.utils import skip_init
 
-from pdq.quant.quantizers import WeightQuantizer
+from pdq.quant.functional import Grid, from_codes, to_codes
+from pdq.quant.quantizers import ActQuantizer, WeightQuantizer
+
+#: the grid of a runtime's bias codes
+INT32 = Grid(32, signed=True, symmetric=True)
 
 
-class QuantConv2d(nn.Conv2d):
+class _BiasMixin:
+    """`link_bias(aq)`: the layer's input quantizer, whose scale times the weight scale is the bias's int32 grid
+    (kept outside the module tree: it is another layer's). While both quantizers are active, the layer adds
+    `quantized_bias()`, as a runtime's integer kernel does; else its float bias."""
+
+    def link_bias(self, source: ActQuantizer | None) -> None:
+        self.__dict__["bias_source"] = source
+
+    def bias_scale(self) -> torch.Tensor | None:
+        """s_in * s_w per output channel while the input and weight quantizers are active, else None."""
+        source, wq = self.__dict__.get("bias_source"), self.weight_quant
+        if self.bias is None or source is None or not source.active or not wq.active:
+            return None
+        return (source.scale.detach() * wq.scale.detach()).reshape(-1)
+
+    def quantized_bias(self) -> torch.Tensor | None:
+        scale = self.bias_scale()
+        if scale is None:
+            return self.bias
+        zero = torch.zeros_like(scale)
+        return from_codes(to_codes(self.bias.detach(), scale, zero, INT32), scale, zero)
+
+
+class QuantConv2d(_BiasMixin, nn.Conv2d):
     weight_quant: WeightQuantizer
 
     @classmethod
@@ -21,10 +49,10 @@ class QuantConv2d(nn.Conv2d):
         return _copy_params(q, conv, bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight_quant(self.weight), self.bias)
+        return self._conv_forward(x, self.weight_quant(self.weight), self.quantized_bias())
 
 
-class QuantLinear(nn.Linear):
+class QuantLinear(_BiasMixin, nn.Linear):
     weight_quant: WeightQuantizer
 
     @classmethod
@@ -33,7 +61,7 @@ class QuantLinear(nn.Linear):
         return _copy_params(q, linear, bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight_quant(self.weight), self.bias)
+        return nn.functional.linear(x, self.weight_quant(self.weight), self.quantized_bias())
 
 
 def _copy_params(q, layer: nn.Module, bits: int):

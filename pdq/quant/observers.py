@@ -1,9 +1,11 @@
-"""Observers: statistics of a tensor -> (scale, zero point), per channel or per tensor.
+"""Observers: statistics of a tensor -> (scale, zero point) on a `Grid`, per channel or per tensor.
 
 * `MinMaxObserver`: the tensor's range.
 * `LpObserver`: spec §1.2 grid search, mean |x - x_q|^p (p = 2.4): one-sided tensors a 1-D search over
   100 clipping thresholds, two-sided ones the 2-D search over 100 ranges x every zero point.
 * `CosineObserver`: the same candidates scored by cosine distance 1 - cos(x, x_q).
+On a symmetric grid (zero point fixed at 0, `pdq.quant.backends`) the searches are the 1-D search over clipping
+thresholds of max |x| (signed) or max x (unsigned). An observer takes the grid, or a width for the papers' grid.
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ from __future__ import annotations
 import torch
 
 from pdq.checks import check_float, check_int
-from pdq.quant.functional import MIN_SCALE, channel_view, qmax, qparams_from_range
+from pdq.quant.functional import MIN_SCALE, Grid, as_grid, channel_view, from_codes, qparams_from_range, to_codes
 
 QParams = tuple[torch.Tensor, torch.Tensor]
 
 
 class Observer:
-    def __call__(self, x: torch.Tensor, bits: int, ch_axis: int | None = None) -> QParams:
+    def __call__(self, x: torch.Tensor, grid: Grid | int, ch_axis: int | None = None) -> QParams:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -27,9 +29,9 @@ class Observer:
 
 class MinMaxObserver(Observer):
     @torch.no_grad()
-    def __call__(self, x, bits, ch_axis=None):
+    def __call__(self, x, grid, ch_axis=None):
         lo, hi = torch.aminmax(channel_view(x.detach().float(), ch_axis), dim=1)
-        return qparams_from_range(lo, hi, bits)
+        return qparams_from_range(lo, hi, grid)
 
 
 class GridSearchObserver(Observer):
@@ -59,24 +61,28 @@ class GridSearchObserver(Observer):
         raise NotImplementedError
 
     @torch.no_grad()
-    def __call__(self, x, bits, ch_axis=None):
+    def __call__(self, x, grid, ch_axis=None):
+        g = as_grid(grid)
         x = channel_view(x.detach().float(), ch_axis)
         lo, hi = torch.aminmax(x, dim=1)
         x = self._subsample(x)
-        q = qmax(bits)
+        if g.symmetric:  # thresholds of max |x| (signed), of max x (unsigned: what is below 0 clips to 0)
+            rng = torch.maximum(lo.abs(), hi.abs()) if g.signed else torch.clamp(hi, min=0)
+            return self._search_1d(x, rng, g, torch.zeros_like(rng))
         if bool((lo >= 0).all()) or bool((hi <= 0).all()):
-            return self._search_1d(x, lo, hi, bits, positive=bool((lo >= 0).all()))
-        return self._search_2d(x, torch.clamp(hi, min=0) - torch.clamp(lo, max=0), q)
+            positive = bool((lo >= 0).all())
+            rng = torch.maximum(lo.abs(), hi.abs())
+            return self._search_1d(x, rng, g, torch.zeros_like(rng) if positive else torch.full_like(rng, g.q_max))
+        return self._search_2d(x, torch.clamp(hi, min=0) - torch.clamp(lo, max=0), g.q_max)
 
-    def _search_1d(self, x, lo, hi, bits, positive):
-        rng = torch.maximum(lo.abs(), hi.abs())
+    def _search_1d(self, x, rng, g: Grid, zp):
+        """The best of `grid` thresholds t = rng * i / grid, scale t / q_max, at the fixed zero points `zp`."""
         best = torch.full_like(rng, float("inf"))
-        best_scale = torch.clamp(rng / qmax(bits), min=MIN_SCALE)
-        zp = torch.zeros_like(rng) if positive else torch.full_like(rng, qmax(bits))
+        best_scale = torch.clamp(rng / g.q_max, min=MIN_SCALE)
         for i in range(1, self.grid + 1):
             t = rng * i / self.grid
-            scale, _ = qparams_from_range(torch.zeros_like(t), t, bits)
-            xq = _fake_quant_cols(x, scale, zp, qmax(bits))
+            scale = torch.clamp(t / g.q_max, min=MIN_SCALE)
+            xq = from_codes(to_codes(x, scale[:, None], zp[:, None], g), scale[:, None], zp[:, None])
             err = self.score(x, xq)
             better = err < best
             best = torch.where(better, err, best)
@@ -92,7 +98,7 @@ class GridSearchObserver(Observer):
         step = max(1, self.chunk_elems // max(1, x.numel()))
         for i in range(1, self.grid + 1):
             scale = torch.clamp(rng * i / self.grid / q, min=MIN_SCALE)  # candidate range [-z d, (q - z) d]
-            base = torch.round(x / scale[:, None])
+            base = torch.round(x / scale[:, None])  # `to_codes` for every zero point at once (round once)
             for j in range(0, q + 1, step):
                 z = zps[j:j + step, None, None]
                 xq = (base + z).clamp_(0, q).sub_(z).mul_(scale[:, None])
@@ -104,9 +110,6 @@ class GridSearchObserver(Observer):
                 best_zp = torch.where(better, zps[j:j + step][arg], best_zp)
         return best_scale, best_zp
 
-
-def _fake_quant_cols(x, scale, zp, q):
-    return (torch.clamp(torch.round(x / scale[:, None]) + zp[:, None], 0, q) - zp[:, None]) * scale[:, None]
 
 
 class LpObserver(GridSearchObserver):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pdq.quant.functional import bernoulli_mask, broadcast_to_channel, fake_quantize_fused
+from pdq.quant.functional import Grid, bernoulli_mask, broadcast_to_channel, fake_quantize_fused
 from pdq.quant.observers import Observer
 
 FP_BITS = 32
@@ -19,11 +19,14 @@ def check_bits(bits: int, what: str = "bits") -> int:
 
 
 class FakeQuantizer(nn.Module):
-    """Uniform affine fake quantization; `bits=32` or `enabled=False` passes the input through."""
+    """Uniform fake quantization on the grid `bits` wide with codes `signed` or not, the zero point fixed at 0
+    (`symmetric`) or free, and `narrow` signed codes (`pdq.quant.functional.Grid`; the default, the papers' unsigned
+    affine grid); `bits=32` or `enabled=False` passes the input through."""
 
     def __init__(self, bits: int = 8, ch_axis: int | None = None, channels: int = 1):
         super().__init__()
         self.bits = check_bits(bits)
+        self.signed = self.symmetric = self.narrow = False
         self.ch_axis = ch_axis
         n = channels if ch_axis is not None else 1
         self.register_buffer("scale", torch.ones(n))
@@ -35,6 +38,14 @@ class FakeQuantizer(nn.Module):
     def active(self) -> bool:
         return self.enabled and self.bits < FP_BITS
 
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.bits, self.signed, self.symmetric, self.narrow)
+
+    def set_grid(self, signed: bool, symmetric: bool, narrow: bool) -> None:
+        Grid(8, signed, symmetric, narrow)  # a combination a grid accepts
+        self.signed, self.symmetric, self.narrow = signed, symmetric, narrow
+
     @torch.no_grad()
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         self.scale.copy_(scale.reshape(self.scale.shape))
@@ -43,7 +54,7 @@ class FakeQuantizer(nn.Module):
 
     def observe(self, x: torch.Tensor, observer: Observer) -> None:
         if self.bits < FP_BITS:
-            self.set_qparams(*observer(x, self.bits, self.ch_axis))
+            self.set_qparams(*observer(x, self.grid, self.ch_axis))
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Fake-quantized x (in float32, also under autocast); with `keep` (float 0/1), only where it is 1."""
@@ -53,11 +64,13 @@ class FakeQuantizer(nn.Module):
             raise RuntimeError(f"{self!r} is used before calibration")
         x = x.float()
         return fake_quantize_fused(x, broadcast_to_channel(self.scale, x, self.ch_axis),
-                                   broadcast_to_channel(self.zero_point, x, self.ch_axis), self.bits, keep)
+                                   broadcast_to_channel(self.zero_point, x, self.ch_axis), self.grid, keep)
 
     def extra_repr(self) -> str:
         axis = "per-tensor" if self.ch_axis is None else f"per-channel(axis={self.ch_axis})"
-        return f"bits={self.bits}, {axis}, enabled={self.enabled}"
+        kind = ("signed" if self.signed else "unsigned") + (", symmetric" if self.symmetric else "") + (
+            ", narrow" if self.narrow else "")
+        return f"bits={self.bits}, {kind}, {axis}, enabled={self.enabled}"
 
 
 class WeightQuantizer(FakeQuantizer):

@@ -29,7 +29,7 @@ from torch import fx
 
 from pdq.context import RunContext, stream_seed
 from pdq.io import atomic_torch_save
-from pdq.quant.graph import is_act_quant, quantize_model
+from pdq.quant.graph import ancestors, backend_of, is_act_quant, quantize_model
 from pdq.quant.observers import Observer
 from pdq.quant.state import (
     act_quantizers,
@@ -45,7 +45,7 @@ from pdq.recon.inputs import UnitInputs
 from pdq.recon.module import Caches, UnitProgress, UnitReconstruction, loader
 from pdq.recon.phase import DCConfig, Phase
 from pdq.recon.subgraph import prefix, segment, suffix
-from pdq.recon.units import Unit, ancestors, enclosing, find_units
+from pdq.recon.units import Unit, enclosing, find_units
 
 log = logging.getLogger("pdq")
 STATE_FILE = "recon_state.pt"
@@ -114,7 +114,7 @@ class ReconstructionEngine:
         the FP inputs and targets of later units must come from the original weights (as in the official
         codes, which keep `org_weight`)."""
         if self._fp_folded is None:
-            fp = quantize_model(self.ctx.fp_model).to(self.ctx.device).eval()
+            fp = quantize_model(self.ctx.fp_model, backend=backend_of(self.gm)).to(self.ctx.device).eval()
             set_quant_state(fp, weight=False, act=False)
             self._fp_folded = fp.to(memory_format=self.fmt)
         return self._fp_folded

@@ -15,7 +15,8 @@ from collections.abc import Iterable
 
 from torch import fx
 
-from pdq.recon.units import Unit, ancestors
+from pdq.quant.graph import ancestors
+from pdq.recon.units import Unit
 
 
 def _build(gm: fx.GraphModule, nodes: Iterable[fx.Node], inputs: list[fx.Node], output: fx.Node,

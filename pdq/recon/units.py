@@ -26,13 +26,12 @@ instance of `cls` whose entry and exit are cut points is one unit.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import fx, nn
 
 from pdq.errors import PdqError
-from pdq.quant.graph import is_act_quant, is_activation, is_quant_layer
+from pdq.quant.graph import ancestors, is_act_quant, is_activation, is_quant_layer
 
 log = logging.getLogger("pdq")
 PATTERNS = ("block", "layer")
@@ -70,17 +69,6 @@ class Unit:
         """One line of the unit table (logged at the start of a run, kept in results.json)."""
         return {"name": self.name, "kind": self.kind, "source": self.source, "layers": self.layers(gm),
                 "act_quants": self.act_quants(gm)}
-
-
-def ancestors(node: fx.Node, within: Callable[[fx.Node], bool] = lambda n: True) -> set[fx.Node]:
-    """Every node `node` depends on (not itself), walking back only through nodes accepted by `within`."""
-    seen, todo = set(), [node]
-    while todo:
-        for a in todo.pop().all_input_nodes:
-            if a not in seen and within(a):
-                seen.add(a)
-                todo.append(a)
-    return seen
 
 
 def descendants(node: fx.Node) -> set[fx.Node]:

@@ -16,7 +16,7 @@ METHOD_ORDER = ["rtn_minmax", "rtn_cosine", "rtn_mse", "pd_scale", "adaround", "
 MODEL_ORDER = ["resnet18_brecq", "resnet50_brecq", "mobilenetv2_brecq", "regnetx_600m", "regnetx_3200m", "mnasnet_x2",
                "resnet20_fmnist", "mobilenetv2_fmnist"]
 #: config keys besides the method's that change a result (calib.size is `calib_size`, in `settings`)
-QUANT_KEYS = ["layout", "per_layer", "stem_w_bits", "stem_out_bits", "fc_w_bits", "fc_in_bits"]
+QUANT_KEYS = ["layout", "per_layer", "stem_w_bits", "stem_out_bits", "fc_w_bits", "fc_in_bits", "backend"]
 CALIB_KEYS = ["batch_size", "act_init_size", "cache_dtype"]
 
 
@@ -75,7 +75,7 @@ def run_settings(r: dict) -> dict[str, str]:
     `quant.<key>` for QUANT_KEYS, `calib.<key>` for CALIB_KEYS and `world_size` (the process count)."""
     cfg = r.get("config") or {}
     method = cfg.get("method") or {}
-    quant = cfg.get("quant") or {}
+    quant = {"backend": "academic", **(cfg.get("quant") or {})}  # runs from before the backends were academic
     calib = {"cache_dtype": "float32", **(cfg.get("calib") or {})}  # the default before cache_dtype existed
     flat: dict[str, str] = {}
 
