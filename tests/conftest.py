@@ -12,6 +12,21 @@ from hydra.core.global_hydra import GlobalHydra
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 os.environ.setdefault("WANDB_MODE", "offline")
+EVAL = 256  # Fashion-MNIST test images per parity check
+
+
+@pytest.fixture(scope="module")
+def data():
+    """128 calibration images and the first `EVAL` test images with their labels (the export and backend tests)."""
+    import torch
+
+    from pdq.data.fashion_mnist import FashionMNISTDataModule
+
+    dm = FashionMNISTDataModule(eval_subset=EVAL)
+    dm.prepare_data()
+    dm.setup()
+    x, y = map(torch.cat, zip(*dm.test_dataloader()))
+    return {"calib": dm.calibration_set(128, 0), "x": x, "y": y}
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from onnx import TensorProto, numpy_helper
 from torch import nn
 
 import pdq
-from pdq.data.fashion_mnist import FashionMNISTDataModule
 from pdq.errors import PdqError
 from pdq.export.audit import audit
 from pdq.export.checkpoint import INT_FILE, read_int, weight_codes
@@ -40,11 +39,10 @@ from pdq.quant.graph import (
 from pdq.quant.layout import BitLayout
 from pdq.quant.observers import CosineObserver, LpObserver
 from pdq.quant.quantizers import WeightQuantizer
-from tests.conftest import compose_config
+from tests.conftest import EVAL, compose_config
 
 GRIDS = [Grid(b) for b in (2, 4, 8)] + [Grid(b, symmetric=True) for b in (4, 8)] + [
     Grid(b, signed=True, symmetric=True, narrow=n) for b in (2, 4, 8) for n in (False, True)]
-EVAL = 256
 
 
 def calibrated(model: nn.Module, backend: str, x: torch.Tensor, w: int = 8, a: int = 8) -> torch.fx.GraphModule:
@@ -68,14 +66,6 @@ def torchvision_cnn(name: str) -> nn.Module:
             m.bias.data.normal_(0, 0.1)
     return model.eval()
 
-
-@pytest.fixture(scope="module")
-def data():
-    dm = FashionMNISTDataModule(eval_subset=EVAL)
-    dm.prepare_data()
-    dm.setup()
-    x, y = map(torch.cat, zip(*dm.test_dataloader()))
-    return {"calib": dm.calibration_set(128, 0), "x": x, "y": y}
 
 
 # ---- primitives --------------------------------------------------------------------------------------------------
@@ -325,8 +315,9 @@ def test_reconstruction_methods_run_under_a_runtime_backend_and_export_what_they
     from pdq.pipeline import run
 
     results = run(compose_config(f"method={method}", "quant=w4a4", f"quant.backend={backend}", "logger=none",
-                                 "calib.size=64", "calib.act_init_size=64", "method.iters=2", f"data.eval_subset={EVAL}",
-                                 f"paths.output_dir={tmp_path}", "paths.cache_dir=null", "export=onnx"))
+                                 "calib.size=64", "calib.act_init_size=64", "method.iters=2",
+                                 f"data.eval_subset={EVAL}", f"paths.output_dir={tmp_path}", "paths.cache_dir=null",
+                                 "export=onnx"))
     acts = {a for row in results["unit_table"] for a in row["act_quants"]}
     assert "input_aq" not in acts and (backend != "onnxruntime" or "layer1.0.conv2.aq" in acts)
     model = pdq.load(tmp_path)
@@ -350,7 +341,7 @@ def test_an_old_run_dir_without_a_backend_exports_as_academic(backend_runs, tmp_
     from pdq.export.checkpoint import int_tensors
     tensors, weights, acts = int_tensors(academic)
     meta = {k: v for k, v in meta.items() if k != "backend"}
-    meta.update(weights=weights, acts=acts)
+    meta.update(weights=weights, acts=acts, version=1)  # as the checkpoints before the backends
     save_file(tensors, tmp_path / INT_FILE, metadata={"pdq": json.dumps(meta)})
     gm = pdq.load(tmp_path)
     assert not [n for n in gm.graph.nodes if n.target == "input_aq"]

@@ -21,7 +21,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 import pdq
-from pdq.data.fashion_mnist import FashionMNISTDataModule
 from pdq.errors import PdqError
 from pdq.export.checkpoint import INT_FILE, load_with_meta, save_int
 from pdq.export.cli import main as export_main
@@ -32,19 +31,10 @@ from pdq.pipeline import run
 from pdq.quant import MinMaxObserver, apply_layout, calibrate_activations, calibrate_weights, quantize_model
 from pdq.quant.layout import BitLayout
 from pdq.recon.engine import STATE_FILE
-from tests.conftest import ROOT, compose_config
+from tests.conftest import EVAL, ROOT, compose_config
 
-EVAL = 256  # test images per parity check
 RESNET = {"builder": "build_model", "name": "resnet20_fmnist"}
 
-
-@pytest.fixture(scope="module")
-def data():
-    dm = FashionMNISTDataModule(eval_subset=EVAL)
-    dm.prepare_data()
-    dm.setup()
-    x, y = map(torch.cat, zip(*dm.test_dataloader()))
-    return {"calib": dm.calibration_set(128, 0), "x": x, "y": y}
 
 
 def rtn(name: str, w: int, a: int, calib: torch.Tensor, per_layer=()) -> torch.fx.GraphModule:

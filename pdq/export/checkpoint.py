@@ -7,9 +7,10 @@ The file holds, in safetensors (no pickle, loadable by any safetensors reader):
 * `<act quantizer>.scale` (float32) and `<act quantizer>.zero_point` (uint8), per tensor;
 * every other tensor of the quantized graph as it is (biases, BatchNorms that follow no conv, ...);
 * metadata `pdq`: a JSON object with the format and its version, the model's identity (how to rebuild the
-  float architecture), the backend (`pdq.quant.backends`: where the quantizers sit and their grids; a file
-  without one is `academic`), the input shape, the bit layout (bits and shape of each weight, bits of each
-  activation quantizer), the packing, and the versions that wrote it.
+  float architecture), the backend (`pdq.quant.backends`: where the quantizers sit and their grids; a
+  version-1 file, written before the backends, has none and is `academic`), the input shape, the bit layout
+  (bits and shape of each weight, bits of each activation quantizer), the packing, and the versions that
+  wrote it.
 A layer or activation quantizer at 32 bits (full precision) keeps its float weight and has no codes.
 
 Grid (spec §1.1, `pdq.quant.functional`): code = clamp(round(w / s) + z, q_min, q_max), value = s * (code - z)."""
@@ -33,7 +34,9 @@ from pdq.quant.graph import act_quant_names, backend_of, quant_layer_names
 from pdq.quant.quantizers import FP_BITS
 
 INT_FILE = "quantized_int.safetensors"
-FORMAT, VERSION = "pdq-int", 1
+FORMAT, VERSION = "pdq-int", 2
+#: versions this pdq reads: 1 (before the backends: every grid the papers' unsigned affine one) and 2 (a backend)
+READABLE = (1, 2)
 PACKING = "little-endian bitstream of b-bit unsigned codes in row-major order (pdq.export.pack)"
 #: the model builders a checkpoint's identity may name (nothing else is imported on load)
 BUILDERS = ("build_model", "build_custom")
@@ -133,8 +136,9 @@ def read_int(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         ok = False
     if not ok:
         raise PdqError(f"{path} has no pdq metadata (format {FORMAT}); {accepted}")
-    if meta.get("version") != VERSION:
-        raise PdqError(f"{path} is {FORMAT} version {meta.get('version')}; accepted: version {VERSION} (this pdq "
+    if meta.get("version") not in READABLE:
+        raise PdqError(f"{path} is {FORMAT} version {meta.get('version')}; accepted: versions "
+                       f"{', '.join(map(str, READABLE))} (this pdq "
                        f"{pdq.__version__})")
     return tensors, meta
 

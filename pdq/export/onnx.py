@@ -9,10 +9,11 @@
      from opset 21, else int8/uint8; signed for the runtime backends' symmetric grids) feeding a per-channel
      `DequantizeLinear` (axis 0);
    * each activation pair gets its quantizer's scale and zero point, with a zero point of the same types;
-   * a width with no type of its own at the opset (3 bits; 2 bits below opset 25; 2-4 bits below 21) is
-     stored in the next wider type; an activation's dequantized value then passes a `Clip` to its real grid
-     (after `DequantizeLinear`: onnxruntime cannot fuse a Clip into a 4-bit QuantizeLinear), and a weight's
-     codes lie on the real grid already;
+   * a width with no type of its own at the opset (3 bits; 2 bits below opset 25; 2-4 bits below 21), and a
+     signed activation grid below 8 bits (onnxruntime 1.32 ran int4 activation Q/DQ wrongly in pdq's tests),
+     is stored in the next wider type (int8 for those activations); an activation's dequantized value then
+     passes a `Clip` to its real grid (after `DequantizeLinear`: onnxruntime cannot fuse a Clip into a 4-bit
+     QuantizeLinear), and a weight's codes lie on the real grid already;
    * under the onnxruntime backend each bias on the int32 grid becomes int32 codes with a per-channel
      `DequantizeLinear` at s_in * s_w (what QLinearConv and QGemm take);
    * under a runtime backend, a max pooling, flatten or reshape whose input is dequantized gets the same
@@ -262,7 +263,9 @@ def qdq_surgery(model, weights: dict, acts: list, opset: int, biases: dict | Non
         seen.add(tag)
         name, scale, zero_point, grid = acts[tag - 1]
         dq = users[0]
-        width = container_bits(grid.bits, opset)
+        # onnxruntime 1.32's int4 QuantizeLinear -> DequantizeLinear gave negative values for non-negative inputs
+        # here (tensorrt W8A4 ResNet-20): signed activations below 8 bits are stored in int8, clipped to their grid
+        width = 8 if grid.signed else container_bits(grid.bits, opset)
         g.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{name}.scale"),
                               _int_tensor(f"{name}.zero_point", torch.tensor(zero_point), width, grid.signed)])
         if width != grid.bits:  # the real grid [q_min, q_max] inside the wider type: clip the dequantized value
