@@ -41,7 +41,9 @@ from pdq.export.pack import pack
 from pdq.io import atomic_write
 from pdq.quant.backends import get_backend
 from pdq.quant.fold import _set_submodule
+from pdq.quant.functional import to_codes
 from pdq.quant.graph import act_quant_names, backend_of, quant_layer_names, stem_and_head
+from pdq.quant.modules import INT32
 from pdq.quant.quantizers import FP_BITS, FakeQuantizer
 
 ONNX_FILE = "quantized_model.onnx"
@@ -138,9 +140,9 @@ def deploy_copy(gm: fx.GraphModule, legacy: bool = False) -> tuple[fx.GraphModul
                                  wq.zero_point.detach().long(), wq.grid)
             bias_scale = layer.bias_scale()
             if bias_scale is not None:
-                bias = layer.quantized_bias()
-                biases[name] = (torch.round(bias / bias_scale).long(), bias_scale.float().clone())
-                layer.bias = nn.Parameter(bias, requires_grad=False)
+                codes = to_codes(layer.bias.detach(), bias_scale, torch.zeros_like(bias_scale), INT32)
+                biases[name] = (codes.long(), bias_scale.float().clone())
+                layer.bias = nn.Parameter(layer.quantized_bias(), requires_grad=False)
             layer.weight = nn.Parameter(wq(layer.weight), requires_grad=False)
         layer.weight_quant = nn.Identity()
         layer.link_bias(None)
