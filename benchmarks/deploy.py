@@ -21,8 +21,9 @@ Variants, each an ONNX file of the same network:
 
 Latency: one onnxruntime CPU session per variant and thread count (ORT_ENABLE_ALL, intra-op `--threads`, inter-op
 1, sequential), batch 1 and 64 (28x28) or 1 and 16 (224x224); 5 warm-up runs, then `--reps` timed `sess.run`
-calls (fewer where a cell would take longer than `--cell-seconds`), the variants taking turns call by call so
-that drift of the machine affects them alike; the median ms of each. Op counts: the optimized graph
+calls (fewer where a cell would take longer than `--cell-seconds`) in `--rounds` turns per variant, each turn
+after `--settle-seconds` of untimed calls of that variant (the previous session's threads stop spinning), so
+that drift of the machine affects the variants alike; the median ms of each. Op counts: the optimized graph
 (`SessionOptions.optimized_model_filepath`), or `pdq.export.audit` where it exists. `--accuracy`: top-1 of every
 variant on the 10,000 Fashion-MNIST test images through onnxruntime (the fmnist networks).
 Not part of the test suite."""
@@ -208,8 +209,11 @@ def timed_ms(sess, feed) -> float:
 
 
 def measure(sessions: dict, x, args) -> tuple[dict, int]:
-    """Median ms per variant and the number of timed calls per variant: the variants take turns call by call (the
-    first of each turn rotating), so that a slow spell of the machine falls on all of them alike."""
+    """Median ms per variant and the number of timed calls per variant. The variants take turns in `--rounds`
+    rounds (the first of each round rotating), so that a slow spell of the machine falls on all of them alike.
+    Each turn first runs the variant untimed for `--settle-seconds`, then times a block of calls: the worker
+    threads of a session that has just run keep spinning for tens of milliseconds, and on two cores they take
+    the next session's core (timed call by call, FP32 at two threads measured twice its own time)."""
     feed = {"input": x}
     est = {}
     for key, sess in sessions.items():
@@ -217,12 +221,16 @@ def measure(sessions: dict, x, args) -> tuple[dict, int]:
             est[key] = timed_ms(sess, feed)
     per_round_s = sum(est.values()) / 1000
     reps = max(args.min_reps, min(args.reps, int(args.cell_seconds / max(per_round_s, 1e-9))))
+    block = max(1, -(-reps // args.rounds))
     times = {key: [] for key in sessions}
     keys = list(sessions)
-    for r in range(reps):
+    for r in range(args.rounds):
         for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-            times[key].append(timed_ms(sessions[key], feed))
-    return {key: statistics.median(t) for key, t in times.items()}, reps
+            settled = time.perf_counter() + args.settle_seconds
+            while time.perf_counter() < settled:
+                sessions[key].run(None, feed)
+            times[key] += [timed_ms(sessions[key], feed) for _ in range(block)]
+    return {key: statistics.median(t) for key, t in times.items()}, block * args.rounds
 
 
 def top1(path: Path, x, y, threads: int) -> float:
@@ -339,7 +347,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--reps", type=int, default=100, help="timed calls per variant and cell (at most)")
     ap.add_argument("--min-reps", type=int, default=10, help="timed calls per variant and cell (at least)")
-    ap.add_argument("--cell-seconds", type=float, default=3.0, help="time budget of one cell, all variants")
+    ap.add_argument("--cell-seconds", type=float, default=3.0,
+                    help="time budget of one cell's timed calls, all variants")
+    ap.add_argument("--rounds", type=int, default=10, help="turns of each variant per cell")
+    ap.add_argument("--settle-seconds", type=float, default=0.2,
+                    help="untimed calls at the start of each turn, until this much time has passed")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--accuracy", action="store_true", help="top-1 on the Fashion-MNIST test split (fmnist models)")
     args = ap.parse_args()
