@@ -54,7 +54,7 @@ def additivity(model: str, run_dir: Path) -> list[dict]:
     import torch
 
     from pdq.mixed.allocate import LayerCost, allocate
-    from pdq.mixed.sensitivity import _logits, _pd
+    from pdq.mixed.sensitivity import batched_logits, pd_loss
     from pdq.models import build_model
     from pdq.quant import quantize_model
     from pdq.quant.quantizers import FakeQuantizer
@@ -81,7 +81,7 @@ def additivity(model: str, run_dir: Path) -> list[dict]:
         if isinstance(q, FakeQuantizer):
             q.enabled = False
     with torch.no_grad():
-        fp = _logits(g, images, 256)
+        fp = batched_logits(g, images, 256)
     rows = []
     for budget in BUDGETS:
         widths = allocate({**sens, **{n: {b: 0.0} for n, b in table["fixed"].items()}}, costs, "avg_w_bits", budget,
@@ -93,7 +93,7 @@ def additivity(model: str, run_dir: Path) -> list[dict]:
                 wq.bits, wq.enabled = bits, True
                 wq.observe(trial.get_submodule(name).weight, observer)  # the sensitivity's own observer
         with torch.no_grad():
-            measured = _pd(trial, images, fp, 256, settings["temperature"])
+            measured = pd_loss(trial, images, fp, 256, settings["temperature"])
         rows.append({"model": model, "avg_w_bits": budget, "summed": sum(sens[n][widths[n]] for n in sens),
                      "measured": measured})
         print(rows[-1], flush=True)
@@ -107,9 +107,9 @@ def main() -> None:
     args = ap.parse_args()
     from scipy.stats import spearmanr
 
+    from pdq.figures import figure, png
     from pdq.io import atomic_write, atomic_write_json
     from pdq.mixed.cli import sensitivity_run
-    from pdq.report.plots import _figure, _png
 
     out = {"allocation_ms_100x4": allocation_ms(), "sensitivity_s": {}, "additivity": []}
     print(out["allocation_ms_100x4"], flush=True)
@@ -123,7 +123,7 @@ def main() -> None:
         out["additivity"] += rows
         out[f"spearman_{model}"] = round(float(spearmanr([r["summed"] for r in rows],
                                                          [r["measured"] for r in rows]).statistic), 4)
-    fig, axes = _figure(1, 1, 4.5, 4)
+    fig, axes = figure(1, 1, 4.5, 4)
     ax = axes[0][0]
     for model in args.models:
         rows = [r for r in out["additivity"] if r["model"] == model]
@@ -131,7 +131,7 @@ def main() -> None:
     ax.set_xlabel("summed per-layer PD loss")
     ax.set_ylabel("measured PD loss, all layers at once")
     ax.legend(fontsize=7)
-    atomic_write(args.out.with_suffix(".png"), _png(fig))
+    atomic_write(args.out.with_suffix(".png"), png(fig))
     atomic_write_json(args.out, out)
     print(out)
 

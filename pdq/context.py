@@ -39,3 +39,12 @@ def stream_seed(seed: int, *keys: int) -> int:
     for k in keys:
         value = (value * 1_000_003 + int(k) + 1) % (2 ** 63 - 1)
     return value
+
+
+def resolve_device(cfg, dist: Dist = SINGLE) -> torch.device:
+    """The device of this rank's work: its local GPU under `trainer.accelerator=gpu` (or `auto` with one
+    visible), else the CPU."""
+    accelerator = cfg.trainer.get("accelerator", "cpu")
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", dist.local_rank)
+    return torch.device("cpu")

@@ -18,9 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from pdq.checks import flatten
 from pdq.errors import PdqError, cause
 from pdq.io import atomic_write, atomic_write_json
-from pdq.recon.engine import STATE_FILE
 
 log = logging.getLogger("pdq")
+
+#: the reconstruction state saved after every unit (`pdq.recon.engine`), which a resumed run continues from
+STATE_FILE = "recon_state.pt"
 
 #: the accumulated wall time of a run's earlier parts (a resumed run is the sum of its parts)
 WALL_FILE = "wall_time.json"
@@ -112,8 +114,10 @@ def load_resume_state(cfg: DictConfig) -> tuple[Path, dict | None]:
 
 
 def _metrics_files(logger) -> tuple[Path, Path] | None:
+    from lightning.pytorch.loggers import CSVLogger
+
     log_dir = getattr(logger, "log_dir", None)
-    if type(logger).__name__ != "CSVLogger" or not log_dir:
+    if not isinstance(logger, CSVLogger) or not log_dir:
         return None
     return Path(log_dir) / "metrics.csv", Path(log_dir).parent / EARLIER_METRICS
 

@@ -75,7 +75,7 @@ def kill_after_unit(run_dir: Path, *args: str, index: int = 3, **env_vars: str) 
     rank too) as soon as its saved reconstruction state has passed unit `index`."""
     import torch
 
-    from pdq.recon.engine import STATE_FILE
+    from pdq.resume import STATE_FILE
 
     env = {**os.environ, "WANDB_MODE": "offline", **env_vars}
     proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args, f"hydra.run.dir={run_dir}"], env=env,

@@ -157,13 +157,14 @@ def test_online_wandb_without_credentials_fails_at_start(make_cfg, no_heavy_work
 
 
 def test_logger_failure_at_the_end_keeps_results(make_cfg, tmp_path, monkeypatch):
+    import pdq.loggers as loggers
     import pdq.pipeline as pipeline
 
     def broken(logger, ok):
         raise ConnectionError("upload failed")
 
     monkeypatch.setattr(pipeline, "quantize_and_evaluate", fake_results)
-    monkeypatch.setattr(pipeline, "close_logger", broken)
+    monkeypatch.setattr(loggers, "close_logger", broken)
     with pytest.raises(PdqError, match=r"logger \(CSVLogger\) failed to finish: ConnectionError.*results.json is "
                                        r"written"):
         run(make_cfg(*SMALL[:-1], "logger=csv"))

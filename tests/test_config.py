@@ -10,8 +10,8 @@ from torch import nn
 
 from pdq.config import resolvers
 from pdq.errors import PdqError, instantiate
+from pdq.loggers import close_logger
 from pdq.mixed import MixedLayout
-from pdq.pipeline import close_logger
 from pdq.quant import BitLayout
 
 CONF = Path(__file__).resolve().parent.parent / "conf"

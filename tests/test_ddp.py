@@ -14,7 +14,7 @@ from pdq.distributed import SINGLE, Dist, world_size_of
 from pdq.errors import PdqError
 from pdq.pipeline import run
 from pdq.recon.dc import correct
-from pdq.recon.engine import STATE_FILE
+from pdq.resume import STATE_FILE
 from tests.conftest import kill_after_unit, make_dc, run_cli
 
 CELL = ["method=qdrop", "method.iters=10", "quant=w2a4", "calib.size=64", "calib.act_init_size=32",

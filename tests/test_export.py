@@ -30,7 +30,7 @@ from pdq.models import build_model
 from pdq.pipeline import run
 from pdq.quant import MinMaxObserver, apply_layout, calibrate_activations, calibrate_weights, quantize_model
 from pdq.quant.layout import BitLayout
-from pdq.recon.engine import STATE_FILE
+from pdq.resume import STATE_FILE
 from tests.conftest import EVAL, ROOT, compose_config
 
 RESNET = {"builder": "build_model", "name": "resnet20_fmnist"}

@@ -58,3 +58,53 @@ print(json.dumps({{"before": before, "after": state()}}))
     before, after = result["before"], result["after"]
     for key in before:
         assert after[key] == before[key], key
+
+
+def _pdq_imports(path) -> set[str]:
+    """The pdq modules a file imports, at any depth (function-level imports too)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("pdq")}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("pdq"):
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+#: the layers that run the work never import the ones that present or orchestrate it
+CORE = ("pdq.quant", "pdq.recon", "pdq.mixed", "pdq.export", "pdq.methods", "pdq.models", "pdq.data")
+TOP = ("pdq.report", "pdq.pipeline", "pdq.api", "pdq.launch")
+
+
+def _module(path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def test_the_core_never_imports_the_layers_above_it():
+    wrong = {}
+    for path in (ROOT / "pdq").rglob("*.py"):
+        if _module(path).startswith(CORE):
+            bad = sorted(m for m in _pdq_imports(path) if m.startswith(TOP))
+            if bad:
+                wrong[_module(path)] = bad
+    assert not wrong, wrong
+    assert "pdq.quant.layout" in {_module(p) for p in (ROOT / "pdq").rglob("*.py")}  # the walk sees the core
+
+
+def test_no_module_imports_another_modules_private_names():
+    import ast
+
+    wrong = []
+    for path in [*(ROOT / "pdq").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pdq"):
+                wrong += [f"{path.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names
+                          if a.name.startswith("_") and a.name != "__version__"]
+    assert not wrong, wrong
+
+
+def test_the_report_loads_without_torch():
+    assert _python("import sys, pdq.report.cli; print('torch' in sys.modules)") == "False"

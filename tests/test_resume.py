@@ -10,8 +10,7 @@ from omegaconf import OmegaConf
 
 from pdq.errors import PdqError
 from pdq.pipeline import run
-from pdq.recon.engine import STATE_FILE
-from pdq.resume import EARLIER_METRICS, WALL_FILE, begin_part, fingerprint, settings_diff
+from pdq.resume import EARLIER_METRICS, STATE_FILE, WALL_FILE, begin_part, fingerprint, settings_diff
 from tests.conftest import kill_after_unit, run_cli
 from tests.test_bad_input import no_heavy_work  # noqa: F401  (fixture)
 

@@ -47,24 +47,24 @@ def test_cli_default_is_pdquant_and_logs_pd_terms(tmp_path):
 
 
 def test_fp_accuracy_is_cached_per_weights_and_data(make_cfg, tmp_path, caplog):
+    from pdq.evaluate import fp_top1
     from pdq.models import build_model
-    from pdq.pipeline import fp_accuracy
 
     cfg = make_cfg("data.eval_subset=300")
     dm = instantiate_data(cfg)
     model = build_model("resnet20_fmnist")
-    first = fp_accuracy(cfg, model, dm.test_dataloader(), torch.device("cpu"))
+    first = fp_top1(model, dm.test_dataloader(), torch.device("cpu"), cfg)
     files = list((tmp_path / "cache" / "fp_top1").glob("*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["fp_top1"] == first
     json_text = files[0].read_text().replace(str(first), "12.5")  # a cache hit returns the stored figure
     files[0].write_text(json_text)
-    assert fp_accuracy(cfg, model, dm.test_dataloader(), torch.device("cpu")) == 12.5
+    assert fp_top1(model, dm.test_dataloader(), torch.device("cpu"), cfg) == 12.5
     with torch.no_grad():
         model.fc.bias.add_(1.0)  # other weights: another entry
-    assert fp_accuracy(cfg, model, dm.test_dataloader(), torch.device("cpu")) != 12.5
+    assert fp_top1(model, dm.test_dataloader(), torch.device("cpu"), cfg) != 12.5
     assert len(list((tmp_path / "cache" / "fp_top1").glob("*.json"))) == 2
     other = make_cfg("data.eval_subset=200")  # other data config: another entry
-    fp_accuracy(other, model, instantiate_data(other).test_dataloader(), torch.device("cpu"))
+    fp_top1(model, instantiate_data(other).test_dataloader(), torch.device("cpu"), other)
     assert len(list((tmp_path / "cache" / "fp_top1").glob("*.json"))) == 3
 
 

@@ -18,6 +18,7 @@ Grid (spec §1.1, `pdq.quant.functional`): code = clamp(round(w / s) + z, q_min,
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from pdq.quant import apply_layout, quantize_model
 from pdq.quant.functional import broadcast_to_channel, from_codes, to_codes
 from pdq.quant.graph import act_quant_names, backend_of, quant_layer_names
 from pdq.quant.quantizers import FP_BITS
+
+log = logging.getLogger("pdq")
 
 INT_FILE = "quantized_int.safetensors"
 FORMAT, VERSION = "pdq-int", 2
@@ -248,3 +251,16 @@ def load(path: str | Path, device: str | torch.device = "cpu", *, model: nn.Modu
     architecture is rebuilt from the checkpoint's identity; a model that was given to pdq as a Python object
     is passed again as `model=` (its weights are not used)."""
     return load_with_meta(path, device, model)[0]
+
+
+def write_int_checkpoint(model_cfg: dict, model: nn.Module, qmodel: fx.GraphModule, input_shape: list[int],
+                         out_dir: Path, info: dict) -> dict:
+    """Write a run's integer checkpoint (`info`: what the run was, kept in its metadata); returns its size next to
+    the float model's (bytes)."""
+    path = save_int(qmodel, out_dir / INT_FILE, identity=model_identity(model_cfg, model), input_shape=input_shape,
+                    info=info)
+    sizes = {"fp32_state_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+             "int_file_bytes": path.stat().st_size}
+    log.info("wrote %s: %.1f KiB (float state dict: %.1f KiB)", path, sizes["int_file_bytes"] / 1024,
+             sizes["fp32_state_bytes"] / 1024)
+    return sizes

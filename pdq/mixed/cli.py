@@ -20,11 +20,13 @@ def sensitivity_run(overrides: list[str], out: Path | None) -> Path:
     from hydra.errors import HydraException
 
     from pdq.config import resolvers
+    from pdq.context import resolve_device
     from pdq.errors import instantiate
-    from pdq.mixed.layout import write_sensitivity
+    from pdq.io import write_files
+    from pdq.mixed.layout import sensitivity_files
     from pdq.mixed.sensitivity import layer_costs
-    from pdq.pipeline import resolve_device, validate
     from pdq.quant import apply_layout, quantize_model
+    from pdq.validate import validate
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -45,11 +47,12 @@ def sensitivity_run(overrides: list[str], out: Path | None) -> Path:
         settings = {"model": cfg.model.name, "calib_size": cfg.calib.size, "seed": cfg.seed}
         cache_dir = cfg.paths.get("cache_dir")
         if layout.budget_key is not None:
-            layout.choose(gm, images, out, settings, cache_dir)
+            files = layout.allocate(gm, images, cache_dir, settings)[1]
         else:
-            write_sensitivity(out, layout.sensitivity(gm, images, cache_dir),
-                              layer_costs(gm, images[:1], layout.resolve(gm)["acts"]), layout.fixed(gm),
-                              {"temperature": layout.temperature, **settings})
+            files = sensitivity_files(layout.sensitivity(gm, images, cache_dir),
+                                      layer_costs(gm, images[:1], layout.resolve(gm)["acts"]), layout.fixed(gm),
+                                      {"temperature": layout.temperature, **settings})
+        write_files(out, files)
     return out
 
 

@@ -32,14 +32,14 @@ from pdq.recon.losses import prediction_difference
 log = logging.getLogger("pdq")
 
 
-def _logits(gm: nn.Module, images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+def batched_logits(gm: nn.Module, images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [gm(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
 
 
-def _pd(gm: nn.Module, images: torch.Tensor, fp: list[torch.Tensor], batch_size: int, temperature: float) -> float:
+def pd_loss(gm: nn.Module, images: torch.Tensor, fp: list[torch.Tensor], batch_size: int, temperature: float) -> float:
     """The PD loss over `images`; exactly 0 where the logits are the FP ones (the KL's float rounding aside)."""
     total = sum(0.0 if torch.equal(q, f) else prediction_difference(q, f, temperature).item() * len(q)
-                for q, f in zip(_logits(gm, images, batch_size), fp, strict=True))
+                for q, f in zip(batched_logits(gm, images, batch_size), fp, strict=True))
     return total / len(images)
 
 
@@ -54,7 +54,7 @@ def measure(gm: fx.GraphModule, images: torch.Tensor, *, weight_bits: list[int],
     for q in g.modules():
         if isinstance(q, FakeQuantizer):
             q.enabled = False
-    fp = _logits(g, images, batch_size)
+    fp = batched_logits(g, images, batch_size)
     table = {"weights": {}, "acts": {}}
     for name in [n for n in quant_layer_names(g) if n not in skip]:
         layer = g.get_submodule(name)
@@ -63,7 +63,7 @@ def measure(gm: fx.GraphModule, images: torch.Tensor, *, weight_bits: list[int],
             wq.bits, wq.enabled = bits, True
             if bits < FP_BITS:
                 wq.observe(layer.weight, weight_observer)
-            row[bits] = _pd(g, images, fp, batch_size, temperature)
+            row[bits] = pd_loss(g, images, fp, batch_size, temperature)
         wq.enabled = False
         table["weights"][name] = row
     for name in act_quant_names(g) if act_bits else []:
@@ -73,7 +73,7 @@ def measure(gm: fx.GraphModule, images: torch.Tensor, *, weight_bits: list[int],
             if bits < FP_BITS:
                 aq.calibrate_with = act_observer
                 g(images[:act_init_size])
-            row[bits] = _pd(g, images, fp, batch_size, temperature)
+            row[bits] = pd_loss(g, images, fp, batch_size, temperature)
         aq.enabled = False
         table["acts"][name] = row
     return table

@@ -16,7 +16,7 @@ from torchvision.models.mnasnet import _InvertedResidual
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import Conv2dNormActivation
 
-from pdq.models.fmnist import _init
+from pdq.models.fmnist import init_weights
 from pdq.models.registry import register_model
 
 # --------------------------------------------------------------------------------------------- ResNet
@@ -63,7 +63,7 @@ class ResNetBRECQ(nn.Module):
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(512 * expansion, self.num_classes)
-        _init(self)
+        init_weights(self)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # runs before the children load: take the stem/shortcut layout the checkpoint was saved with
@@ -131,7 +131,7 @@ class MobileNetV2BRECQ(nn.Module):
         layers.append(Conv2dNormActivation(inp, 1280, 1, activation_layer=nn.ReLU6))
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(1280, num_classes))
-        _init(self)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x).mean([2, 3]))
@@ -233,7 +233,7 @@ class RegNetX(nn.Module):
             self.add_module(f"s{i + 1}", AnyStage(w_in, w, 2, d, group_width))
             w_in = w
         self.head = AnyHead(w_in, num_classes)
-        _init(self)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for module in self.children():
@@ -276,7 +276,7 @@ class MNASNetBRECQ(nn.Module):
         layers += [nn.Conv2d(d[-1], 1280, 1, bias=False), nn.BatchNorm2d(1280), nn.ReLU(inplace=True)]
         self.layers = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.Dropout(dropout, inplace=True), nn.Linear(1280, num_classes))
-        _init(self)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.layers(x).mean([2, 3]))

@@ -1,16 +1,26 @@
 """Quantization core: pure math (`functional`), observers, fake-quant modules, BN folding, the fx pass
-that builds a quantized model, bit layouts and state switches."""
+that builds a quantized model, bit layouts and state switches.
 
-from pdq.quant.functional import fake_quantize, qparams_from_range, round_ste
-from pdq.quant.graph import act_quant_names, quant_layer_names, quantize_model
-from pdq.quant.layout import BitLayout, apply_layout
-from pdq.quant.observers import CosineObserver, LpObserver, MinMaxObserver, Observer
-from pdq.quant.quantizers import ActQuantizer, FakeQuantizer, WeightQuantizer
-from pdq.quant.state import act_quantizers, calibrate_activations, calibrate_weights, set_quant_state
+The names below load their module on first use, so that a light module of this package (`pdq.quant.label`, which
+the report reads) can be imported without torch."""
 
-__all__ = [
-    "ActQuantizer", "BitLayout", "CosineObserver", "FakeQuantizer", "LpObserver", "MinMaxObserver", "Observer",
-    "WeightQuantizer", "act_quant_names", "act_quantizers", "apply_layout", "calibrate_activations",
-    "calibrate_weights", "fake_quantize", "qparams_from_range", "quant_layer_names", "quantize_model",
-    "round_ste", "set_quant_state",
-]
+from __future__ import annotations
+
+import importlib
+
+_HOME = {
+    "fake_quantize": "functional", "qparams_from_range": "functional", "round_ste": "functional",
+    "act_quant_names": "graph", "quant_layer_names": "graph", "quantize_model": "graph",
+    "BitLayout": "layout", "apply_layout": "layout", "bit_setting": "label",
+    "CosineObserver": "observers", "LpObserver": "observers", "MinMaxObserver": "observers", "Observer": "observers",
+    "ActQuantizer": "quantizers", "FakeQuantizer": "quantizers", "WeightQuantizer": "quantizers",
+    "act_quantizers": "state", "calibrate_activations": "state", "calibrate_weights": "state",
+    "set_quant_state": "state",
+}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'pdq.quant' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"pdq.quant.{_HOME[name]}"), name)

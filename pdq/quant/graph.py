@@ -19,6 +19,7 @@ An activation quantizer is registered next to what it quantizes: `<layer>.aq` fo
 from __future__ import annotations
 
 import copy
+import logging
 import operator
 from collections.abc import Callable
 
@@ -31,6 +32,8 @@ from pdq.quant.backends import Backend, get_backend
 from pdq.quant.fold import _set_submodule, fold_bn
 from pdq.quant.modules import FLOAT_TO_QUANT, QUANT_LAYERS
 from pdq.quant.quantizers import ActQuantizer
+
+log = logging.getLogger("pdq")
 
 ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.Hardtanh, nn.Mish)
 ACTIVATION_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardswish, F.silu, F.gelu, F.leaky_relu, F.hardtanh,
@@ -335,3 +338,15 @@ def integer_plan(gm: fx.GraphModule) -> dict:
         else:
             plan["float"][key] = reason
     return plan
+
+
+def log_integer_plan(plan: dict) -> None:
+    """What the backend's integer kernels will run (`pdq.quant.graph.integer_plan`), each float layer named."""
+    total = len(plan["integer"]) + len(plan["float"])
+    if plan["backend"] == "academic":
+        log.info("backend=academic: the papers' placement and grids, a simulation (quant.backend=onnxruntime or "
+                 "tensorrt quantizes for a runtime's integer kernels)")
+        return
+    log.info("backend=%s: integer kernels for %d of %d layers and adds", plan["backend"], len(plan["integer"]), total)
+    for name, reason in plan["float"].items():
+        log.info("  stays float: %s (%s)", name, reason)

@@ -12,13 +12,19 @@ name such as `layer1.0.aq` its activation bits): a dict, or on the command line 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+import torch
 from torch import fx
 
 from pdq.errors import PdqError
 from pdq.quant.backends import get_backend
 from pdq.quant.graph import act_quant_names, input_quantizer, quant_layer_names, stem_and_head
+from pdq.quant.label import bit_setting
 from pdq.quant.quantizers import check_bits
+
+if TYPE_CHECKING:
+    from pdq.context import RunContext
 
 PRESETS: dict[str, dict] = {
     "pdquant": {"stem_w_bits": 8, "stem_out_bits": None, "fc_w_bits": 8, "fc_in_bits": 8, "in_bits": 8,
@@ -45,9 +51,16 @@ class BitLayout:
     @property
     def label(self) -> str:
         """The bit setting in logs, as the report names it: `W4A4`."""
-        from pdq.report.labels import bit_setting
-
         return bit_setting(self.w_bits, self.a_bits)
+
+    def check_run(self) -> None:
+        """What a run (not a measurement alone) needs besides the values checked on construction: nothing."""
+
+    def prepare(self, gm: fx.GraphModule, calib: torch.Tensor, ctx: RunContext) -> tuple[BitLayout, dict]:
+        """The layout a run quantizes with, decided on its quantized graph and calibration images, and the
+        record of that decision: {"results": entries for results.json, "files": {name: content} for the run
+        dir}. A fixed layout is decided already."""
+        return self, {"results": {}, "files": {}}
 
     def __post_init__(self):
         if isinstance(self.per_layer, (list, tuple)):

@@ -46,9 +46,9 @@ from pdq.recon.module import Caches, UnitProgress, UnitReconstruction, loader
 from pdq.recon.phase import DCConfig, Phase
 from pdq.recon.subgraph import prefix, segment, suffix
 from pdq.recon.units import Unit, enclosing, find_units
+from pdq.resume import STATE_FILE
 
 log = logging.getLogger("pdq")
-STATE_FILE = "recon_state.pt"
 #: Lightning's warnings that do not apply to a unit's fit, silenced during the fit only: units are fitted in
 #: eval mode on purpose (BN is folded), the index batches are an in-memory iterable, one epoch is short
 FIT_WARNINGS = (r".*module\(s\) in eval mode.*", r".*does not have many workers.*",

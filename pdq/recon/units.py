@@ -318,3 +318,17 @@ def warn_about(gm: fx.GraphModule, units: list[Unit], pattern: str) -> list[str]
                             f"multi-layer module between cut points for them (a plain chain?); "
                             f"pdq.recon.register_block(cls) groups a module type")
     return warnings
+
+
+def log_unit_table(rows: list[dict]) -> None:
+    """The reconstruction units, one line each, and the warnings the table earns (`pdq.recon.units`)."""
+    for pattern in dict.fromkeys(row["pattern"] for row in rows):
+        mine = [row for row in rows if row["pattern"] == pattern]
+        log.info("%d units (pattern=%s): name | found by | weight layers | activation quantizers", len(mine), pattern)
+        for i, row in enumerate(mine):
+            layers = ", ".join(row["layers"])
+            log.info("  %2d %s | %s | %d: %s | %d", i, row["name"], row["source"], len(row["layers"]),
+                     layers if len(layers) <= 100 else layers[:97] + "...", len(row["act_quants"]))
+    for row in rows:
+        for warning in row.get("warnings", []):
+            log.warning("%s", warning)

@@ -8,6 +8,7 @@ import json
 from collections import defaultdict
 
 from pdq.checks import flatten
+from pdq.quant.label import bit_setting
 
 PAPER_BITS = ["W4A4", "W2A4", "W4A2", "W2A2"]
 METHOD_ORDER = ["rtn_minmax", "rtn_cosine", "rtn_mse", "pd_scale", "adaround", "brecq",
@@ -18,14 +19,6 @@ MODEL_ORDER = ["resnet18_brecq", "resnet50_brecq", "mobilenetv2_brecq", "regnetx
 #: config keys besides the method's that change a result (calib.size is `calib_size`, in `settings`)
 QUANT_KEYS = ["layout", "per_layer", "stem_w_bits", "stem_out_bits", "fc_w_bits", "fc_in_bits", "backend"]
 CALIB_KEYS = ["batch_size", "act_init_size", "cache_dtype"]
-
-
-def bit_setting(w_bits: int, a_bits: int, budget: dict | None = None) -> str:
-    """A bit setting as reports and logs name it: `W4A4`; a quant=mixed layout (`budget` given, its w_bits only
-    the width before the allocation) by its budget, `mixed avg_w_bits=2.5 A4` (`mixed A4` before one is set)."""
-    if budget is None:
-        return f"W{w_bits}A{a_bits}"
-    return " ".join(["mixed", *(f"{key}={value:g}" for key, value in budget.items()), f"A{a_bits}"])
 
 
 def bits(r: dict) -> str:

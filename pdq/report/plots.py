@@ -4,12 +4,12 @@ BOPs, uniform and mixed precision) and `curves_<run>.png` (per-unit losses)."""
 from __future__ import annotations
 
 import csv
-import io
 import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from pdq.figures import figure, png
 from pdq.report.collect import read_results
 from pdq.report.labels import bits, bits_key, model_key
 from pdq.report.tables import MIXED, fp_values, group, ordered_labels, pareto_series, stats
@@ -18,21 +18,6 @@ CURVE_METRICS = ["pd_loss", "rec_loss", "round_loss", "loss"]
 #: a per-unit metric column: `u03_layer1.0/rec_loss` (first phase) or `p1_u03_layer1.0/rec_loss` (phase 1, BRECQ's
 #: activation phase); groups: phase (absent for the first), unit index, unit name, metric
 UNIT_COLUMN = re.compile(r"^(?:p(\d+)_)?u(\d+)_(.+)/([A-Za-z0-9_]+)$")
-
-
-def _figure(nrows: int, ncols: int, w: float, h: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(w * ncols, h * nrows))
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(nrows, ncols, squeeze=False)
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return buf.getvalue()
 
 
 def plot_top1(results: list[dict]) -> bytes:
@@ -44,7 +29,7 @@ def plot_top1(results: list[dict]) -> bytes:
     cmap = colormaps["tab10" if len(labels) <= 10 else "tab20"]
     colour = {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
     ncols = min(len(models), 2)
-    fig, axes = _figure((len(models) + ncols - 1) // ncols, ncols, 6.5, 4.0)
+    fig, axes = figure((len(models) + ncols - 1) // ncols, ncols, 6.5, 4.0)
     for ax in axes.flat[len(models):]:
         ax.set_visible(False)
     for ax, model in zip(axes.flat, models):
@@ -74,7 +59,7 @@ def plot_top1(results: list[dict]) -> bytes:
             handles.setdefault(lab, handle)
     fig.legend(list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, 0.0),
                ncol=min(len(handles), 6), fontsize=8, frameon=False)
-    return _png(fig)
+    return png(fig)
 
 
 def plot_pareto(results: list[dict]) -> bytes | None:
@@ -89,7 +74,7 @@ def plot_pareto(results: list[dict]) -> bytes | None:
     methods = sorted({name.removesuffix(MIXED) for _, name in series})
     cmap = colormaps["tab10" if len(methods) <= 10 else "tab20"]
     colour = {method: cmap(i % cmap.N) for i, method in enumerate(methods)}
-    fig, axes = _figure(len(models), 2, 5.0, 3.6)
+    fig, axes = figure(len(models), 2, 5.0, 3.6)
     fig.set_layout_engine("constrained")
     for row, model in zip(axes, models):
         for name in sorted(name for m, name in series if m == model):
@@ -104,7 +89,7 @@ def plot_pareto(results: list[dict]) -> bytes | None:
             ax.set_ylabel("top-1 (%)")
             ax.set_title(model, fontsize=9)
         row[0].legend(fontsize=7)
-    return _png(fig)
+    return png(fig)
 
 
 def read_curves(metrics_csv: Path) -> dict[str, dict[tuple[int, int, str], list[tuple[float, float]]]]:
@@ -145,7 +130,7 @@ def plot_curves(run_dir: Path) -> bytes | None:
     units = sorted({u for m in metrics for u in curves[m]})
     cmap = colormaps["tab20" if len(units) <= 20 else "viridis"]
     colour = {u: cmap(i % 20 if len(units) <= 20 else i / max(len(units) - 1, 1)) for i, u in enumerate(units)}
-    fig, axes = _figure(1, len(metrics), 4.5, 3.5)
+    fig, axes = figure(1, len(metrics), 4.5, 3.5)
     for ax, metric in zip(axes.flat, metrics):
         for u in units:
             pts = sorted(curves[metric].get(u, []))
@@ -163,4 +148,4 @@ def plot_curves(run_dir: Path) -> bytes | None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     axes.flat[-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7, title="unit")
-    return _png(fig)
+    return png(fig)

@@ -1,0 +1,61 @@
+"""The process-wide settings a run changes, set for the run and restored after it, so that a run leaves its
+process (the next job of a sequential multirun, a test session, a user's notebook) as it found it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from pdq.config import resolvers
+
+#: their INFO lines (one set per unit's fit) drown pdq's own; quietened for the duration of a run
+QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+#: unset during a run (see `run_scope`)
+NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+
+
+@contextlib.contextmanager
+def run_scope() -> Iterator[None]:
+    """Restores, after the run: the Lightning log levels, torch's deterministic-algorithms switches, WANDB_MODE
+    (Lightning's offline WandbLogger sets it), and pdq's OmegaConf resolvers (registered for the run only).
+    During the run PYTORCH_NVML_BASED_CUDA_CHECK is unset: Lightning sets it when imported, and with it every
+    `torch.cuda.is_available()` (each optimizer step asks) loads NVML anew on a machine without a GPU, about
+    0.2 ms a call. (The check exists to keep CUDA out of forked processes; the only ones a run forks, data
+    loader workers, use no CUDA.)"""
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    wandb_mode = os.environ.get("WANDB_MODE")
+    nvml_check = os.environ.pop(NVML_CHECK, None)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        with resolvers():
+            yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        for var, value in (("WANDB_MODE", wandb_mode), (NVML_CHECK, nvml_check)):
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+
+def seed_and_switches(cfg: DictConfig) -> None:
+    """Seed every generator and set torch's determinism switches for one rank's work (`run_scope` restores the
+    switches). Without torch's NaN fill of every new tensor under deterministic algorithms: it guards only
+    kernels that read memory they did not write, and costs a pass over every temporary (in DC, each over the
+    whole calibration set)."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.use_deterministic_algorithms(bool(cfg.trainer.get("deterministic")), warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
