@@ -366,24 +366,11 @@ def finish_logger(logger, ok: bool) -> None:
 
 def fp_accuracy(cfg, model, test_loader, device, dist: Dist = SINGLE) -> float:
     """FP top-1, computed once per (model weights, data config) and kept in `paths.cache_dir` (null: no
-    cache), so that the jobs of a sweep do not re-evaluate the same float model. Rank 0 reads and
-    writes the cache; a miss is evaluated sharded over the ranks."""
-    cache_dir = cfg.paths.get("cache_dir")
-    path = None
-    if cache_dir:
-        h = hashlib.sha256(json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True).encode())
-        h.update(str(len(test_loader.dataset)).encode())
-        h.update(state_sha256(model).encode())
-        path = Path(cache_dir) / "fp_top1" / f"{h.hexdigest()[:32]}.json"
-        cached = dist.broadcast(float(json.loads(path.read_text())["fp_top1"]) if path.is_file() else None)
-        if cached is not None:
-            log.info("FP top-1: %.2f%% (cached in %s)", cached, path)
-            return cached
-    top1 = evaluate(model, test_loader, device, desc="FP eval", dist=dist)
-    log.info("FP top-1: %.2f%%", top1)
-    if path is not None and dist.main:
-        atomic_write_json(path, {"fp_top1": top1, "model": cfg.model.name, "eval_images": len(test_loader.dataset)})
-    return top1
+    cache), so that the jobs of a sweep do not re-evaluate the same float model (`pdq.evaluate.fp_top1`)."""
+    from pdq.evaluate import fp_top1
+
+    return fp_top1(model, test_loader, device, cache_dir=cfg.paths.get("cache_dir"), model_name=cfg.model.name,
+                   data=OmegaConf.to_container(cfg.data, resolve=True), dist=dist)
 
 
 def quantize_and_evaluate(cfg, layout, table, datamodule, model, qmodel, method, logger, device, out_dir,
