@@ -1,14 +1,20 @@
 """Top-1 evaluation with a progress bar; in a DDP run each rank evaluates every world_size-th image and
-the counts are summed."""
+the counts are summed. `fp_top1`: the float model's top-1, kept in the cache (`pdq.cache`)."""
 
 from __future__ import annotations
+
+import logging
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from pdq.cache import entry
 from pdq.distributed import SINGLE, Dist
+
+log = logging.getLogger("pdq")
 
 
 @torch.no_grad()
@@ -29,34 +35,24 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: s
     return 100.0 * correct / max(total, 1)
 
 
-def fp_top1(model: nn.Module, test_loader: DataLoader, device: torch.device, cfg, dist: Dist = SINGLE) -> float:
-    """FP top-1, computed once per (model weights, data config) and kept in `paths.cache_dir` (null: no
-    cache), so that the jobs of a sweep do not re-evaluate the same float model. Rank 0 reads and
-    writes the cache; a miss is evaluated sharded over the ranks."""
-    import hashlib
-    import json
-    import logging
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
-    from pdq.distributed import state_sha256
-    from pdq.io import atomic_write_json
-
-    log = logging.getLogger("pdq")
-    cache_dir = cfg.paths.get("cache_dir")
-    path = None
+def fp_top1(model: nn.Module, loader: DataLoader, device: torch.device, *, cache_dir: str | Path | None,
+            model_name: str, data: dict, dist: Dist = SINGLE) -> float:
+    """The float model's top-1 (`evaluate`), kept in the cache's `fp_top1` namespace under `cache_dir` (None: no
+    cache) so that the jobs of a sweep evaluate a model once. The key is the model name, its weights and
+    buffers, the eval set's size, `data` (the data config, plain values), the torch version and the device
+    type. Rank 0 reads and writes the cache and its answer goes to every rank; a miss is evaluated sharded over
+    the ranks."""
+    found = None
+    if cache_dir and dist.main:
+        found = entry(cache_dir, "fp_top1", {"model": model_name, "eval_images": len(loader.dataset), "data": data,
+                                             "weights": model}, device)
     if cache_dir:
-        h = hashlib.sha256(json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True).encode())
-        h.update(str(len(test_loader.dataset)).encode())
-        h.update(state_sha256(model).encode())
-        path = Path(cache_dir) / "fp_top1" / f"{h.hexdigest()[:32]}.json"
-        cached = dist.broadcast(float(json.loads(path.read_text())["fp_top1"]) if path.is_file() else None)
+        cached = dist.broadcast(found.load(lambda raw: float(raw["fp_top1"])) if found is not None else None)
         if cached is not None:
-            log.info("FP top-1: %.2f%% (cached in %s)", cached, path)
+            log.info("FP top-1: %.2f%% (cached in %s)", cached, found or cache_dir)
             return cached
-    top1 = evaluate(model, test_loader, device, desc="FP eval", dist=dist)
+    top1 = evaluate(model, loader, device, desc="FP eval", dist=dist)
     log.info("FP top-1: %.2f%%", top1)
-    if path is not None and dist.main:
-        atomic_write_json(path, {"fp_top1": top1, "model": cfg.model.name, "eval_images": len(test_loader.dataset)})
+    if found is not None:
+        found.save({"fp_top1": top1, "model": model_name, "eval_images": len(loader.dataset)})
     return top1

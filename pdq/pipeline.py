@@ -156,7 +156,9 @@ def quantize_and_evaluate(run: Run, layout: BitLayout, table: dict, model: torch
     test_loader = run.datamodule.test_dataloader()
     if test_loader is None:
         log.info("data=%s has no evaluation set: top-1 is not measured", run.datamodule.name)
-    fp = fp_top1(model, test_loader, device, cfg, dist) if test_loader is not None else None
+    fp = None if test_loader is None else fp_top1(
+        model, test_loader, device, cache_dir=cfg.paths.get("cache_dir"), model_name=cfg.model.name,
+        data=OmegaConf.to_container(cfg.data, resolve=True), dist=dist)
     plan = integer_plan(qmodel)
     log_integer_plan(plan)
     unit_table = method.unit_table(qmodel)

@@ -53,19 +53,27 @@ def test_fp_accuracy_is_cached_per_weights_and_data(make_cfg, tmp_path, caplog):
     cfg = make_cfg("data.eval_subset=300")
     dm = instantiate_data(cfg)
     model = build_model("resnet20_fmnist")
-    first = fp_top1(model, dm.test_dataloader(), torch.device("cpu"), cfg)
+    first = fp_top1(model, dm.test_dataloader(), torch.device("cpu"), **cached(cfg))
     files = list((tmp_path / "cache" / "fp_top1").glob("*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["fp_top1"] == first
     json_text = files[0].read_text().replace(str(first), "12.5")  # a cache hit returns the stored figure
     files[0].write_text(json_text)
-    assert fp_top1(model, dm.test_dataloader(), torch.device("cpu"), cfg) == 12.5
+    assert fp_top1(model, dm.test_dataloader(), torch.device("cpu"), **cached(cfg)) == 12.5
     with torch.no_grad():
         model.fc.bias.add_(1.0)  # other weights: another entry
-    assert fp_top1(model, dm.test_dataloader(), torch.device("cpu"), cfg) != 12.5
+    assert fp_top1(model, dm.test_dataloader(), torch.device("cpu"), **cached(cfg)) != 12.5
     assert len(list((tmp_path / "cache" / "fp_top1").glob("*.json"))) == 2
     other = make_cfg("data.eval_subset=200")  # other data config: another entry
-    fp_top1(model, instantiate_data(other).test_dataloader(), torch.device("cpu"), other)
+    fp_top1(model, instantiate_data(other).test_dataloader(), torch.device("cpu"), **cached(other))
     assert len(list((tmp_path / "cache" / "fp_top1").glob("*.json"))) == 3
+
+
+def cached(cfg) -> dict:
+    """fp_top1's cache arguments, as the pipeline passes them."""
+    from omegaconf import OmegaConf
+
+    return {"cache_dir": cfg.paths.cache_dir, "model_name": cfg.model.name,
+            "data": OmegaConf.to_container(cfg.data, resolve=True)}
 
 
 def instantiate_data(cfg):

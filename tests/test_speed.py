@@ -233,20 +233,20 @@ def test_dc_store_key_covers_model_images_unit_settings_and_layout():
     kw = dict(batch_size=4, dtype=torch.float32, device=torch.device("cpu"))
     store = DCStore("/nowhere", model, images, **kw)
     dc = make_dc()
-    key = store.path(unit, dc)
-    assert key == DCStore("/nowhere", copy.deepcopy(model), images.clone(), **kw).path(unit, dc)
+    key = store.entry(unit, dc)
+    assert key == DCStore("/nowhere", copy.deepcopy(model), images.clone(), **kw).entry(unit, dc)
     changed = copy.deepcopy(model)
     with torch.no_grad():
         changed.conv1.weight[0, 0, 0, 0] += 1e-3
-    assert key != DCStore("/nowhere", changed, images, **kw).path(unit, dc)
+    assert key != DCStore("/nowhere", changed, images, **kw).entry(unit, dc)
     images2 = images.clone()
     images2[3, 0, 5, 5] += 1e-3
-    assert key != DCStore("/nowhere", model, images2, **kw).path(unit, dc)
-    assert key != DCStore("/nowhere", model, images, **{**kw, "batch_size": 8}).path(unit, dc)
-    assert key != DCStore("/nowhere", model, images, **{**kw, "dtype": torch.float16}).path(unit, dc)
-    assert key != store.path(other_unit, dc)
-    assert key != store.path(unit, replace(dc, steps=dc.steps + 1))
-    assert key != store.path(unit, replace(dc, chunk=4))
+    assert key != DCStore("/nowhere", model, images2, **kw).entry(unit, dc)
+    assert key != DCStore("/nowhere", model, images, **{**kw, "batch_size": 8}).entry(unit, dc)
+    assert key != DCStore("/nowhere", model, images, **{**kw, "dtype": torch.float16}).entry(unit, dc)
+    assert key != store.entry(other_unit, dc)
+    assert key != store.entry(unit, replace(dc, steps=dc.steps + 1))
+    assert key != store.entry(unit, replace(dc, chunk=4))
 
 
 # --- incremental unit inputs ---------------------------------------------------------------------------------------

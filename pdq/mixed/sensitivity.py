@@ -12,16 +12,14 @@ and calibration set."""
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 from pathlib import Path
 
 import torch
 from torch import fx, nn
 
-from pdq.distributed import compute_tag, state_sha256
-from pdq.io import atomic_write_json
+from pdq.cache import entry
+from pdq.distributed import compute_tag
 from pdq.mixed.allocate import BUDGETS, IMAGE_BITS, LayerCost, spent
 from pdq.quant.graph import act_quant_names, is_act_quant, is_quant_layer, quant_layer_names
 from pdq.quant.observers import Observer
@@ -81,34 +79,30 @@ def measure(gm: fx.GraphModule, images: torch.Tensor, *, weight_bits: list[int],
 
 def measure_cached(cache_dir: str | Path | None, gm: fx.GraphModule, images: torch.Tensor,
                    **settings) -> dict[str, dict[str, dict[int, float]]]:
-    """`measure(gm, images, **settings)`, kept in `<cache_dir>/sensitivity/<key>.json` (no cache: None). The key
-    covers everything the table depends on: the graph's weights and buffers, the images, every setting, the
-    device or thread count and the torch version. An entry that does not load or does not fit is measured
-    again and overwritten."""
+    """`measure(gm, images, **settings)`, kept in the cache's `sensitivity` namespace under `cache_dir`
+    (`pdq.cache`; no cache: None). The key covers everything the table depends on: the graph's weights and
+    buffers, the images, every setting (observers by their class and fields), the device or thread count and
+    the torch version. An entry that does not load or does not fit is measured again and overwritten."""
     if not cache_dir:
         return measure(gm, images, **settings)
-    h = hashlib.sha256(state_sha256(gm).encode())
-    h.update(images.detach().cpu().contiguous().numpy())
-    key = {k: sorted(v) if isinstance(v, set | frozenset) else v for k, v in settings.items()}
-    h.update(json.dumps([list(images.shape), str(images.dtype), key, compute_tag(images.device), torch.__version__],
-                        sort_keys=True, default=repr).encode())
-    path = Path(cache_dir) / "sensitivity" / f"{h.hexdigest()[:40]}.json"
-    if path.is_file():
-        try:
-            raw = json.loads(path.read_text())
-            table = {kind: {name: {int(b): float(v) for b, v in row.items()} for name, row in raw[kind].items()}
-                     for kind in ("weights", "acts")}
-            for kind, bits in (("weights", settings["weight_bits"]), ("acts", settings.get("act_bits", ()))):
-                if any(sorted(row) != sorted(bits) for row in table[kind].values()):
-                    raise ValueError(f"its {kind} rows are not at the widths {sorted(bits)}")
-            log.info("sensitivity: cached in %s", path)
-            return table
-        except Exception as e:
-            log.warning("sensitivity cache entry %s is unreadable (%s: %s); measuring again", path,
-                        type(e).__name__, str(e)[:200])
+    found = entry(cache_dir, "sensitivity", {"graph": gm, "images": images, "settings": settings,
+                                             "compute": compute_tag(images.device)}, images.device)
+
+    def check(raw):
+        table = {kind: {name: {int(b): float(v) for b, v in row.items()} for name, row in raw[kind].items()}
+                 for kind in ("weights", "acts")}
+        for kind, bits in (("weights", settings["weight_bits"]), ("acts", settings.get("act_bits", ()))):
+            if any(sorted(row) != sorted(bits) for row in table[kind].values()):
+                raise ValueError(f"its {kind} rows are not at the widths {sorted(bits)}")
+        return table
+
+    table = found.load(check)
+    if table is not None:
+        log.info("sensitivity: cached in %s", found)
+        return table
     table = measure(gm, images, **settings)
-    atomic_write_json(path, {kind: {name: {str(b): v for b, v in row.items()} for name, row in table[kind].items()}
-                             for kind in ("weights", "acts")})
+    found.save({kind: {name: {str(b): v for b, v in row.items()} for name, row in table[kind].items()}
+                for kind in ("weights", "acts")})
     return table
 
 

@@ -9,24 +9,21 @@ code corrects batches of 32; the loss is separable per sample and Adam is per el
 same steps over larger chunks of the calibration set (`chunk`).
 
 A unit's corrected inputs depend only on the float model, the calibration images, the unit and the DC
-settings, not on the bits or the method: `DCStore` keeps them under `paths.cache_dir`, so that a sweep
-computes them once per model and calibration set."""
+settings, not on the bits or the method: `DCStore` keeps them under `paths.cache_dir` (`pdq.cache`), so
+that a sweep computes them once per model and calibration set."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import hashlib
-import json
 import logging
 from pathlib import Path
 
 import torch
 from torch import fx, nn
 
-from pdq.distributed import SINGLE, Dist, compute_tag, state_sha256
+from pdq.cache import Entry, describe, entry
+from pdq.distributed import SINGLE, Dist, compute_tag
 from pdq.errors import PdqError
-from pdq.io import atomic_torch_save
 from pdq.recon.losses import bn_statistics_loss, proximity_loss
 from pdq.recon.phase import DCConfig
 from pdq.recon.units import Unit
@@ -152,46 +149,39 @@ DC_REVISION = 2  # part of every DC cache key: bump it when DC's arithmetic chan
 
 
 class DCStore:
-    """DC results, content-addressed: `<root>/dc/<key>.pt` holds a unit's corrected FP inputs (this process's
-    shard) and its BN-statistic losses. The key covers everything the result depends on, down to the bits:
-    the float model's weights and buffers, the calibration images (hence the data config, the seed and the
+    """DC results in the cache's `dc` namespace (`pdq.cache`): an entry holds a unit's corrected FP inputs (this
+    process's shard) and its BN-statistic losses. Its key covers everything the result depends on, down to the
+    bits: the float model's weights and buffers, the calibration images (hence the data config, the seed and the
     indices), this process's shard, the unit's nodes, the DC settings, the cache dtype and batch size, the
-    device, thread count and torch version, and `DC_REVISION`. Entries are written atomically; one that does
-    not load or does not match is a miss, recomputed and overwritten."""
+    device, thread count and torch version, and `DC_REVISION`. An entry that does not load or does not match is
+    a miss, recomputed and overwritten."""
 
     def __init__(self, root: str | Path, fp_model: nn.Module, calib: torch.Tensor, *, batch_size: int,
                  dtype: torch.dtype, device: torch.device, dist: Dist = SINGLE):
-        self.root, self.dtype, self.dist = Path(root) / "dc", dtype, dist
-        h = hashlib.sha256(state_sha256(fp_model).encode())
-        h.update(calib.detach().cpu().contiguous().numpy())
-        h.update(json.dumps([list(calib.shape), str(calib.dtype), dist.rank, dist.world_size, batch_size,
-                             str(dtype), compute_tag(device), torch.__version__, DC_REVISION]).encode())
-        self.base = h
+        self.root, self.dtype, self.device, self.dist = root, dtype, device, dist
+        self.fields = {"fp_model": describe(fp_model), "calib": describe(calib), "rank": dist.rank,
+                       "world_size": dist.world_size, "batch_size": batch_size, "dtype": str(dtype),
+                       "compute": compute_tag(device), "revision": DC_REVISION}
 
-    def path(self, unit: Unit, cfg: DCConfig) -> Path:
-        h = self.base.copy()
-        h.update(json.dumps([unit.input.name, unit.output.name, [n.name for n in unit.nodes],
-                             dataclasses.asdict(cfg)]).encode())
-        return self.root / f"{h.hexdigest()[:40]}.pt"
+    def entry(self, unit: Unit, cfg: DCConfig) -> Entry:
+        return entry(self.root, "dc", {"unit": {"input": unit.input.name, "output": unit.output.name,
+                                                "nodes": [n.name for n in unit.nodes]},
+                                       "dc": cfg, **self.fields}, self.device)
 
-    def load(self, path: Path, rows: int, device: torch.device) -> tuple[torch.Tensor, dict] | None:
-        """The entry at `path` if it is whole and fits (`rows` images in the cache dtype), else None; the
-        answer is every rank's (a hit only where every rank hits), so that all ranks then do the same work."""
-        entry = None
-        if path.is_file():
-            try:
-                raw = torch.load(path, map_location="cpu", weights_only=True)
-                x, info = raw["x"], dict(raw["info"])
-                if not (isinstance(x, torch.Tensor) and x.dtype == self.dtype and len(x) == rows
-                        and torch.isfinite(x).all()):
-                    raise ValueError(f"holds {type(x).__name__} {getattr(x, 'shape', '')}, not {rows} finite rows "
-                                     f"of {self.dtype}")
-                entry = x.to(device), info
-            except Exception as e:
-                log.warning("DC cache entry %s is unreadable (%s: %s); recomputing it", path, type(e).__name__,
-                            str(e)[:200])
-        hits = self.dist.sum(float(entry is not None))[0]
-        return entry if hits == self.dist.world_size else None
+    def load(self, found: Entry, rows: int, device: torch.device) -> tuple[torch.Tensor, dict] | None:
+        """The entry if it is whole and fits (`rows` finite images in the cache dtype), else None; the answer is
+        every rank's (a hit only where every rank hits), so that all ranks then do the same work."""
+        def check(raw):
+            x, info = raw["x"], dict(raw["info"])
+            if not (isinstance(x, torch.Tensor) and x.dtype == self.dtype and len(x) == rows
+                    and torch.isfinite(x).all()):
+                raise ValueError(f"holds {type(x).__name__} {getattr(x, 'shape', '')}, not {rows} finite rows "
+                                 f"of {self.dtype}")
+            return x.to(device), info
 
-    def save(self, path: Path, x: torch.Tensor, info: dict) -> None:
-        atomic_torch_save({"x": x.detach().cpu(), "info": info}, path)
+        hit = found.load(check)
+        hits = self.dist.sum(float(hit is not None))[0]
+        return hit if hits == self.dist.world_size else None
+
+    def save(self, found: Entry, x: torch.Tensor, info: dict) -> None:
+        found.save({"x": x.detach().cpu(), "info": info})

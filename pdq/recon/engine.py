@@ -197,15 +197,15 @@ class ReconstructionEngine:
         if not bns:  # nothing to correct
             return x_fp, {"dc_s": round(time.time() - t_dc, 3)}
         store = self.dc_store()
-        path = store.path(unit, cfg) if store is not None else None
-        hit = store.load(path, len(x_fp), self.ctx.device) if store is not None else None
+        found = store.entry(unit, cfg) if store is not None else None
+        hit = store.load(found, len(x_fp), self.ctx.device) if store is not None else None
         if hit is not None:
             x_fp, info = hit
-            log.info("DC %s: from the cache (%s)", unit.name, path)
+            log.info("DC %s: from the cache (%s)", unit.name, found)
         else:
             x_fp, info = correct(twin, bns, x_fp, cfg, desc=f"DC {unit.name}", dist=self.ctx.dist)
             if store is not None:
-                store.save(path, x_fp, info)
+                store.save(found, x_fp, info)
         return x_fp, {**info, "dc_cached": hit is not None, "dc_s": round(time.time() - t_dc, 3)}
 
     def reconstruct(self, p: int, i: int, n_units: int, unit: Unit, phase: Phase) -> dict:
