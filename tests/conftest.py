@@ -90,3 +90,19 @@ def kill_after_unit(run_dir: Path, *args: str, index: int = 3, **env_vars: str) 
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
+
+
+def glibc() -> bool:
+    """Whether this Python runs on glibc, whose `mallopt` `pdq.host_memory` sets."""
+    import platform
+
+    return platform.libc_ver()[0] == "glibc"
+
+
+def transparent_hugepages() -> str:
+    """The kernel's transparent-huge-page mode (always, madvise, never), or "" where it cannot be read."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return ""
+    return text[text.find("[") + 1:text.find("]")] if "[" in text else ""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pdq.pipeline import run
-from tests.conftest import run_cli
+from tests.conftest import glibc, run_cli
 
 RESULT_KEYS = {"model", "dataset", "method", "w_bits", "a_bits", "seed", "calib_size", "iters", "fp_top1",
                "quant_top1", "wall_s", "versions", "units"}
@@ -26,7 +26,8 @@ def test_cli_small_run_writes_results(tmp_path):
     assert res["components"] == {"pd": False, "reg": False, "dc": False}
     assert (tmp_path / "csv" / "metrics.csv").exists() and (tmp_path / "quantized_model.pt").exists()
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
-    assert "freed memory kept for reuse (keep_freed_memory=true): True" in proc.stdout + proc.stderr
+    if glibc():  # elsewhere there is no mallopt to set, and the line says False
+        assert "freed memory kept for reuse (keep_freed_memory=true): True" in proc.stdout + proc.stderr
 
 
 def test_cli_default_is_pdquant_and_logs_pd_terms(tmp_path):
