@@ -4,13 +4,17 @@ PYTHON ?= python3
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 export WANDB_MODE ?= offline
 
-.PHONY: run test deps data lint gpu-carry
+.PHONY: run test test-fast deps data lint gpu-carry
 
 run: deps data
 	$(PYTHON) run.py $(ARGS)
 
 test: deps data
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# the edit-test loop: no pipeline runs, subprocesses or network zoos (tests marked heavy), a few minutes
+test-fast: deps data
+	$(PYTHON) -m pytest -m "not slow and not heavy" $(PYTEST_ARGS)
 
 # pip dependencies (torch/torchvision at matching PyPI versions, lightning, hydra, wandb, pytest, onnx and
 # onnxruntime of the export extra ...) and pdq itself in editable mode, unless this checkout's pdq is already

@@ -15,6 +15,38 @@ os.environ.setdefault("WANDB_MODE", "offline")
 EVAL = 256  # Fashion-MNIST test images per parity check
 
 
+#: names whose use makes a test `heavy`: it runs pdq's pipeline (in this process or in a subprocess) or spawns
+#: processes
+HEAVY = {"run", "execute", "quantize", "run_cli", "kill_after_unit", "subprocess", "runs", "spawn"}
+
+
+def _uses(fn, names: set[str], seen: set | None = None) -> bool:
+    """Whether `fn`, or a function of the tests that it calls by name, uses one of `names`."""
+    import inspect
+
+    seen = set() if seen is None else seen
+    code = getattr(fn, "__code__", None)
+    if code is None or code in seen:
+        return False
+    seen.add(code)
+    used = set(code.co_names) | {c.co_name for c in code.co_consts if inspect.iscode(c)}
+    if used & names:
+        return True
+    module = sys.modules.get(fn.__module__)
+    return any(_uses(getattr(module, n), names, seen) for n in code.co_names
+               if inspect.isfunction(getattr(module, n, None)) and getattr(module, n).__module__.startswith("tests"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that runs the pipeline or spawns processes, directly, through a helper of the tests or
+    through a fixture, as `heavy`: `make test-fast` (-m "not slow and not heavy") leaves those out."""
+    for item in items:
+        fixtures = [item.session._fixturemanager.getfixturedefs(name, item) for name in item.fixturenames]
+        fns = [item.function] + [defs[-1].func for defs in fixtures if defs]
+        if any(_uses(fn, HEAVY) for fn in fns):
+            item.add_marker(pytest.mark.heavy)
+
+
 @pytest.fixture(scope="module")
 def data():
     """128 calibration images and the first `EVAL` test images with their labels (the export and backend tests)."""

@@ -44,6 +44,7 @@ def tv(name: str, **kwargs) -> nn.Module:
     return torchvision.models.get_model(name, num_classes=10, **extra, **kwargs).eval()
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", sorted(UNITS))
 def test_units_are_cut_point_regions_and_the_fp_suffix_of_each_gives_the_output(name):
     model = tv(name)
