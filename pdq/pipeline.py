@@ -33,12 +33,13 @@ import pdq
 from pdq.checks import check_bool, check_int, flatten
 from pdq.config import resolvers
 from pdq.context import RunContext
-from pdq.distributed import SINGLE, Dist, session, state_sha256, world_size_of
+from pdq.distributed import SINGLE, Dist, state_sha256, world_size_of
 from pdq.errors import PdqError, cause, instantiate
 from pdq.evaluate import evaluate
 from pdq.export.checkpoint import INT_FILE, model_identity, save_int
 from pdq.export.onnx import OnnxExport
 from pdq.io import atomic_torch_save, atomic_write_json
+from pdq.launch import session
 from pdq.mixed import MixedLayout
 from pdq.mixed.sensitivity import model_cost
 from pdq.models.registry import check_input, check_model_config
