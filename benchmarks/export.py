@@ -57,7 +57,9 @@ def parity_row(run_dir: Path, results: dict, x, y) -> dict:
     import torch
 
     import pdq
-    from pdq.export.onnx import export_onnx, head_step, onnx_logits, session
+    from pdq.export.onnx import export_onnx
+    from pdq.export.parity import head_step, onnx_logits
+    from pdq.export.runtime import session
 
     t0 = time.time()
     path = export_onnx(run_dir)
@@ -98,7 +100,8 @@ def latency_rows(args) -> list[dict]:
     import onnx
     import torch
 
-    from pdq.export.onnx import session, torch_export
+    from pdq.export.onnx import torch_export
+    from pdq.export.runtime import session
     from pdq.models import build_model
 
     rows = []

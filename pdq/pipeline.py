@@ -24,11 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 import pdq
 from pdq.context import RunContext, resolve_device
 from pdq.data import DataModule
-from pdq.distributed import Dist, session, state_sha256
+from pdq.distributed import Dist, state_sha256
 from pdq.errors import PdqError, instantiate
 from pdq.evaluate import evaluate, fp_top1
 from pdq.export.checkpoint import write_int_checkpoint
 from pdq.io import atomic_torch_save, atomic_write_json, no_space_as_error, write_files
+from pdq.launch import session
 from pdq.loggers import check_logger, run_logger
 from pdq.methods import Method
 from pdq.mixed.sensitivity import model_cost

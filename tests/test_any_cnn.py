@@ -225,7 +225,9 @@ def test_user_class_from_the_command_line_and_the_same_model_from_python(user_pk
     # pdq.load rebuilds the model.target run by itself; the Python-object run needs the architecture again
     import my_models
 
-    from pdq.export.onnx import export_onnx, onnx_logits, session
+    from pdq.export.onnx import export_onnx
+    from pdq.export.parity import onnx_logits
+    from pdq.export.runtime import session
 
     x = calib[:16]
     with torch.no_grad():

@@ -22,7 +22,9 @@ import pdq
 from pdq.errors import PdqError
 from pdq.export.audit import audit
 from pdq.export.checkpoint import INT_FILE, read_int, weight_codes
-from pdq.export.onnx import build_qdq, disabled_optimizers, export_onnx, head_step, onnx_logits, session
+from pdq.export.onnx import build_qdq, export_onnx
+from pdq.export.parity import head_step, onnx_logits
+from pdq.export.runtime import disabled_optimizers, session
 from pdq.models import build_model
 from pdq.quant import MinMaxObserver, apply_layout, calibrate_activations, calibrate_weights, quantize_model
 from pdq.quant.adaround import AdaRoundQuantizer

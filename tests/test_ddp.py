@@ -1,6 +1,7 @@
 """Data-parallel reconstruction (trainer=ddp_cpu): two gloo processes end with bit-identical quantized models,
 match one process, write only rank 0's outputs, and resume after a kill; DC and the gathering helpers give
-one process's result from shards; bad DDP settings stop with one clear error."""
+one process's result from shards; bad DDP settings stop with one clear error; a rank that fails ends the run
+through the normal exit path (the error naming it, the logger finished)."""
 
 import json
 import os
@@ -15,7 +16,7 @@ from pdq.errors import PdqError
 from pdq.pipeline import run
 from pdq.recon.dc import correct
 from pdq.resume import STATE_FILE
-from tests.conftest import kill_after_unit, make_dc, run_cli
+from tests.conftest import ROOT, kill_after_unit, make_dc, run_cli
 
 CELL = ["method=qdrop", "method.iters=10", "quant=w2a4", "calib.size=64", "calib.act_init_size=32",
         "data.eval_subset=1000", "paths.cache_dir=null", "logger=csv"]
@@ -92,6 +93,72 @@ def test_bad_ddp_settings_stop_with_one_clear_error(make_cfg, tmp_path):
     proc = run_cli("trainer=ddp_cpu", "trainer.num_nodes=2", "debug=fast", "method=rtn_minmax", "logger=none",
                    f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2 and "trainer.num_nodes=2 needs its processes started" in proc.stderr
+
+
+FAULTS = ROOT / "tests" / "faults"  # sitecustomize.py (makes rank 1 exit with code 3) and status_logger.py
+
+
+def run_with_failing_rank(*args: str, when: str, timeout: int):
+    """`python run.py ARGS` whose rank 1 exits with code 3 `when` (see tests/faults/sitecustomize.py)."""
+    path = os.pathsep.join(filter(None, [str(FAULTS), os.environ.get("PYTHONPATH")]))
+    return run_cli(*args, timeout=timeout, PYTHONPATH=path, PDQ_TEST_RANK_EXIT=when, OMP_NUM_THREADS="1")
+
+
+def test_a_rank_that_fails_mid_run_ends_the_run_with_one_clear_error_and_the_logger_finished(tmp_path):
+    """Rank 1 dies while rank 0 reconstructs the next unit: rank 0 stops its work (it would wait for rank 1 in a
+    collective) and ends as any failed run does: a PdqError naming rank 1 and its exit code (stderr and run.log),
+    the logger finished by pdq as failed, the saved state kept for a resume, and no results."""
+    run_dir = tmp_path / "run"
+    proc = run_with_failing_rank(*RUN, "logger._target_=status_logger.StatusLogger", f"hydra.run.dir={run_dir}",
+                                 when=str(run_dir / STATE_FILE), timeout=400)
+    message = "rank 1 exited with code 3; the run was stopped on every rank"
+    assert proc.returncode == 2 and f"pdq: error: {message}" in proc.stderr, proc.stderr[-3000:]
+    assert message in (run_dir / "run.log").read_text()
+    status, caller = (run_dir / "finalized.txt").read_text().splitlines()[-1].split()
+    assert status == "failed" and caller.startswith("pdq."), (status, caller)  # pdq's finish, not only a fit's
+    assert (run_dir / STATE_FILE).is_file() and not (run_dir / "results.json").exists()
+
+
+def test_a_rank_that_fails_before_joining_ends_the_run_at_once(tmp_path):
+    """Rank 1 dies before it joins the process group: rank 0 stops waiting for it (no 30-minute rendezvous timeout)."""
+    proc = run_with_failing_rank("trainer=ddp_cpu", "debug=fast", "method=rtn_minmax", "calib.size=64",
+                                 "calib.act_init_size=64", "logger=none", f"hydra.run.dir={tmp_path}",
+                                 when="start", timeout=180)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "pdq: error: rank 1 exited with code 3; the run was stopped on every rank" in proc.stderr
+
+
+#: a rank 1 that joins rank 0's group, then dies with exit code 3
+FAILING_RANK = """
+import os, time
+from pdq.launch import session
+with session({"accelerator": "cpu", "devices": 2, "strategy": "ddp"}, None):
+    time.sleep(1)
+    os._exit(3)
+"""
+
+
+def test_a_failed_rank_interrupts_rank_zero_outside_any_collective(monkeypatch, tmp_path):
+    """Rank 0 waits in no collective (a sleep here, any long computation in a run): the watcher's signal ends its
+    wait at once, and the session ends with the error naming the rank, having put back what it changed: the
+    environment, the thread count and the signal handler."""
+    import signal
+    import sys
+    import time
+
+    from pdq import launch
+
+    monkeypatch.setattr(launch, "child_command", lambda out_dir: [sys.executable, "-c", FAILING_RANK])
+    env, threads, handler = dict(os.environ), torch.get_num_threads(), signal.getsignal(launch.INTERRUPT)
+    t0 = time.monotonic()
+    with pytest.raises(PdqError, match=r"^rank 1 exited with code 3; the run was stopped on every rank"):
+        with launch.session({"accelerator": "cpu", "devices": 2, "strategy": "ddp"}, tmp_path) as dist:
+            assert dist.world_size == 2 and dist.rank == 0
+            time.sleep(120)
+    assert time.monotonic() - t0 < 60
+    assert not tdist.is_initialized()
+    assert dict(os.environ) == env and torch.get_num_threads() == threads
+    assert signal.getsignal(launch.INTERRUPT) == handler
 
 
 def _ranks(rank, world, init_file, x, cfg, out):
@@ -171,14 +238,14 @@ def test_ranks_are_started_as_this_process_was(monkeypatch, tmp_path, orig, argv
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from pdq.distributed import _child_command
+    from pdq.launch import child_command
 
     monkeypatch.setattr(sys, "orig_argv", orig)
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
     monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: OmegaConf.create(
         {"overrides": {"task": ["seed=1", "trainer=ddp_cpu"]}})))
-    command = _child_command(tmp_path)
+    command = child_command(tmp_path)
     assert command[:len(launch) + 1] == [sys.executable, *launch]
     assert command[len(launch) + 1:len(launch) + 3] == ["seed=1", "trainer=ddp_cpu"]
     assert f"hydra.run.dir={tmp_path}" in command

@@ -24,8 +24,10 @@ import pdq
 from pdq.errors import PdqError
 from pdq.export.checkpoint import INT_FILE, load_with_meta, save_int
 from pdq.export.cli import main as export_main
-from pdq.export.onnx import ONNX_FILE, export_onnx, head_step, onnx_logits, session
+from pdq.export.onnx import ONNX_FILE, export_onnx
 from pdq.export.pack import pack, packed_size, unpack
+from pdq.export.parity import head_step, onnx_logits
+from pdq.export.runtime import session
 from pdq.models import build_model
 from pdq.pipeline import run
 from pdq.quant import MinMaxObserver, apply_layout, calibrate_activations, calibrate_weights, quantize_model

@@ -1,26 +1,18 @@
-"""ONNX QDQ export of a finished run (`pdq-export RUN_DIR --format onnx [--opset N]`, `export=onnx`).
+"""ONNX QDQ export of a finished run (`pdq-export RUN_DIR --format onnx [--opset N]`, `export=onnx`): build and write.
 
 1. `pdq.load` rebuilds the run's quantized graph from its integer checkpoint (with its backend's quantizers).
-2. `torch.onnx.export` (the dynamo exporter) exports a copy in which each weight is its dequantized value, each
-   bias the value the layer adds (under a runtime backend its int32-grid value), and each activation quantizer a
-   uint8 QuantizeLinear/DequantizeLinear pair whose scale tags the quantizer.
-3. The graph is then given the real grids, which the exporter cannot express below 8 bits:
-   * each quantized weight becomes an integer initialiser of its own type (int2/uint2 from opset 25, int4/uint4
-     from opset 21, else int8/uint8; signed for the runtime backends' symmetric grids) feeding a per-channel
-     `DequantizeLinear` (axis 0);
-   * each activation pair gets its quantizer's scale and zero point, with a zero point of the same types;
-   * a width with no type of its own at the opset (3 bits; 2 bits below opset 25; 2-4 bits below 21), and a
-     signed activation grid below 8 bits (onnxruntime 1.32 ran int4 activation Q/DQ wrongly in pdq's tests),
-     is stored in the next wider type (int8 for those activations); an activation's dequantized value then
-     passes a `Clip` to its real grid (after `DequantizeLinear`: onnxruntime cannot fuse a Clip into a 4-bit
-     QuantizeLinear), and a weight's codes lie on the real grid already;
-   * under the onnxruntime backend each bias on the int32 grid becomes int32 codes with a per-channel
-     `DequantizeLinear` at s_in * s_w (what QLinearConv and QGemm take);
-   * under a runtime backend, a max pooling, flatten or reshape whose input is dequantized gets the same
-     quantizer again after it, so that the runtime moves the integers through it and the next layer reads a
-     `DequantizeLinear` (the same values: these ops keep codes on their grid).
+2. `torch.onnx.export` (the dynamo exporter) exports the deploy copy (`deploy_copy`), in which each weight is its
+   dequantized value, each bias the value the layer adds (under a runtime backend its int32-grid value), and each
+   activation quantizer a uint8 QuantizeLinear/DequantizeLinear pair whose scale tags the quantizer
+   (`pdq.export.qdq.tag_scale`).
+3. QDQ graph surgery (`pdq.export.qdq`) then gives the graph the real grids, which the exporter cannot express below
+   8 bits: integer weights of their own ONNX types, each activation's scale and zero point, a Clip where a width has
+   no type of its own, int32 biases, and quantizers repeated through the ops that keep codes.
 4. `onnx.checker` with full shape inference checks the result, which is written atomically; with it goes the
-   fusion audit (`pdq.export.audit`): what onnxruntime's optimiser made of the graph."""
+   fusion audit (`pdq.export.audit`): what onnxruntime's optimiser made of the graph.
+
+The opset policy (`default_opset`, `check_opset`) is here; onnxruntime sessions of the result are
+`pdq.export.runtime`, and the parity helpers of the tests and benchmarks `pdq.export.parity`."""
 
 from __future__ import annotations
 
@@ -36,13 +28,13 @@ import torch
 from torch import fx, nn
 
 from pdq.errors import PdqError, cause
-from pdq.export.checkpoint import load_with_meta, unsigned_codes, weight_codes
-from pdq.export.pack import pack
+from pdq.export.checkpoint import load_with_meta, weight_codes
+from pdq.export.qdq import qdq_surgery, tag_scale
+from pdq.export.runtime import disabled_optimizers
 from pdq.io import atomic_write
 from pdq.quant.backends import get_backend
-from pdq.quant.fold import _set_submodule
 from pdq.quant.functional import to_codes
-from pdq.quant.graph import act_quant_names, backend_of, quant_layer_names, stem_and_head
+from pdq.quant.graph import act_quant_names, backend_of, quant_layer_names
 from pdq.quant.modules import INT32
 from pdq.quant.quantizers import FP_BITS, FakeQuantizer
 
@@ -56,17 +48,9 @@ QUIET_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx")
 log = logging.getLogger("pdq")
 
 
-def container_bits(bits: int, opset: int) -> int:
-    """The width of the ONNX integer type that holds `bits`-bit codes at `opset`."""
-    if bits <= 2 and opset >= 25:
-        return 2
-    if bits <= 4 and opset >= 21:
-        return 4
-    return 8
-
-
 def default_opset(widths: set[int]) -> int:
-    """The lowest opset (from the exporter's own) at which every width has its own type or uses the next wider."""
+    """The lowest opset (from the exporter's own) at which every width has its own type or uses the next wider
+    (`pdq.export.qdq.container_bits`: 2-bit types from opset 25, 4-bit types from 21)."""
     if any(b <= 2 for b in widths):
         return 25
     if any(b <= 4 for b in widths):
@@ -84,41 +68,36 @@ def check_opset(opset) -> int | None:
     return opset
 
 
-#: ops whose output keeps the integer codes of their input (onnxruntime moves int8/uint8 through them)
-PASS_THROUGH_OPS = ("MaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze")
+def quantized_decomposed():
+    """torch.ops.quantized_decomposed, the ops the deploy copy's Q/DQ pairs are made of for torch's dynamo exporter
+    (which writes them as QuantizeLinear/DequantizeLinear). They are registered by importing a private torch module:
+    this is the one place export touches it, and a torch without it is one clear error."""
+    try:
+        import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 
-
-def _tensor_type(bits: int, signed: bool = False):
-    from onnx import TensorProto
-
-    if signed:
-        return {2: TensorProto.INT2, 4: TensorProto.INT4, 8: TensorProto.INT8, 32: TensorProto.INT32}[bits]
-    return {2: TensorProto.UINT2, 4: TensorProto.UINT4, 8: TensorProto.UINT8}[bits]
-
-
-def _int_tensor(name: str, codes: torch.Tensor, width: int, signed: bool = False):
-    """An initializer of type (u)int`width` holding `codes` (signed ones in two's complement), packed as ONNX packs
-    2- and 4-bit types (raw data, the lowest bits first: `pdq.export.pack`'s layout)."""
-    from onnx import helper, numpy_helper
-
-    if width == 32:
-        return numpy_helper.from_array(codes.to(torch.int32).numpy(), name)
-    raw = bytes(pack(unsigned_codes(codes, width) if signed else codes, width).numpy())
-    return helper.make_tensor(name, _tensor_type(width, signed), list(codes.shape), raw, raw=True)
+        ops = torch.ops.quantized_decomposed
+        ops.quantize_per_tensor, ops.dequantize_per_tensor  # noqa: B018  (both registered)
+    except (ImportError, AttributeError, RuntimeError) as e:
+        raise PdqError(f"ONNX export needs torch.ops.quantized_decomposed (registered by torch's private module "
+                       f"torch.ao.quantization.fx._decomposed), which this torch {torch.__version__} does not have "
+                       f"({type(e).__name__}: {e}); accepted: the torch version pdq pins (setup.cfg), or opset="
+                       f"{MIN_OPSET}..{EXPORTER_MIN_OPSET - 1} (TorchScript exporter)") from None
+    return ops
 
 
 class _QDQ(nn.Module):
-    """An activation quantizer's place in the exported graph: a uint8 Q/DQ pair whose scale is its tag (in the
-    ops each exporter maps to QuantizeLinear/DequantizeLinear)."""
+    """An activation quantizer's place in the deploy copy: a uint8 Q/DQ pair (in the ops each exporter maps to
+    QuantizeLinear/DequantizeLinear) whose scale is the quantizer's tag, `pdq.export.qdq.tag_scale(index)`, not a
+    scale: QDQ surgery finds the quantizer by it and writes the real scale and zero point."""
 
-    def __init__(self, tag: int, legacy: bool):
+    def __init__(self, index: int, legacy: bool):
         super().__init__()
-        self.tag, self.legacy = float(tag), legacy
+        self.tag, self.legacy = tag_scale(index), legacy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.legacy:
             return torch.fake_quantize_per_tensor_affine(x, self.tag, 0, 0, 255)
-        ops = torch.ops.quantized_decomposed
+        ops = torch.ops.quantized_decomposed  # registered by `deploy_copy` (`quantized_decomposed`)
         q = ops.quantize_per_tensor(x, self.tag, 0, 0, 255, torch.uint8)
         return ops.dequantize_per_tensor(q, self.tag, 0, 0, 255, torch.uint8)
 
@@ -126,9 +105,10 @@ class _QDQ(nn.Module):
 def deploy_copy(gm: fx.GraphModule, legacy: bool = False) -> tuple[fx.GraphModule, dict, list, dict]:
     """(a copy of `gm` with dequantized weights, the biases it adds and tagged Q/DQ activation placeholders,
     {layer: (codes, scale, zero point, grid)} of the quantized weights, [(name, scale, zero point, grid)] of the
-    activation quantizers in tag order, {layer: (int32 codes, scale)} of the biases on the int32 grid)."""
-    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
-
+    activation quantizers in tag order (the quantizer at index i, from 1, is tagged `tag_scale(i)`), {layer: (int32
+    codes, scale)} of the biases on the int32 grid). `legacy`: for the TorchScript exporter (below opset 18)."""
+    if not legacy:
+        quantized_decomposed()
     d = copy.deepcopy(gm).eval()
     weights, acts, biases = {}, [], {}
     for name in quant_layer_names(d):
@@ -150,9 +130,9 @@ def deploy_copy(gm: fx.GraphModule, legacy: bool = False) -> tuple[fx.GraphModul
         aq = d.get_submodule(name)
         if aq.bits < FP_BITS:
             acts.append((name, float(aq.scale), int(aq.zero_point), aq.grid))
-            _set_submodule(d, name, _QDQ(len(acts), legacy))
+            d.set_submodule(name, _QDQ(len(acts), legacy))
         else:
-            _set_submodule(d, name, nn.Identity())
+            d.set_submodule(name, nn.Identity())
     return d, weights, acts, biases
 
 
@@ -208,122 +188,6 @@ def _export_cause(e: BaseException) -> str:
     if op:
         return f"no ONNX function for the operator {op.group(1)}"
     return cause(e, 300)
-
-
-def qdq_surgery(model, weights: dict, acts: list, opset: int, biases: dict | None = None,
-                pass_through: bool = False):
-    """Give the exported graph pdq's integer weights, activation grids and (`biases`) int32 biases, and with
-    `pass_through` repeat a quantizer after the ops that keep its codes (see the module docstring)."""
-    import numpy as np
-    from onnx import helper, numpy_helper
-
-    g = model.graph
-    inits = {init.name: init for init in g.initializer}
-    head = []
-    for name, (codes, scale, zero_point, grid) in weights.items():
-        init = inits.get(f"{name}.weight")
-        if init is None or list(init.dims) != list(codes.shape):
-            raise PdqError(f"the exported graph has no initializer {name}.weight of shape {list(codes.shape)}; "
-                           f"accepted: layers torch.onnx exports with their own weight")
-        g.initializer.remove(init)
-        width = container_bits(grid.bits, opset)
-        g.initializer.extend([
-            _int_tensor(f"{name}.weight_quantized", codes, width, grid.signed),
-            numpy_helper.from_array(scale.numpy().astype(np.float32), f"{name}.weight_scale"),
-            _int_tensor(f"{name}.weight_zero_point", zero_point, width, grid.signed)])
-        head.append(helper.make_node("DequantizeLinear", [f"{name}.weight_quantized", f"{name}.weight_scale",
-                                                          f"{name}.weight_zero_point"], [f"{name}.weight"],
-                                     name=f"{name}.weight_dequantize", axis=0))
-    for name, (codes, scale) in (biases or {}).items():
-        layer = next((n for n in g.node if n.op_type in ("Conv", "Gemm") and len(n.input) == 3
-                      and n.input[1] == f"{name}.weight"), None)
-        if layer is None:  # e.g. a linear exported as MatMul + Add: the runtime adds the float bias
-            continue
-        g.initializer.extend([_int_tensor(f"{name}.bias_quantized", codes, 32, signed=True),
-                              numpy_helper.from_array(scale.numpy().astype(np.float32), f"{name}.bias_scale"),
-                              _int_tensor(f"{name}.bias_zero_point", torch.zeros_like(codes), 32, signed=True)])
-        head.append(helper.make_node("DequantizeLinear", [f"{name}.bias_quantized", f"{name}.bias_scale",
-                                                          f"{name}.bias_zero_point"], [f"{name}.bias_int32"],
-                                     name=f"{name}.bias_dequantize", axis=0))
-        layer.input[2] = f"{name}.bias_int32"
-    consumers: dict[str, list] = {}
-    for node in g.node:
-        for value in node.input:
-            consumers.setdefault(value, []).append(node)
-    inits = {init.name: init for init in g.initializer}
-    seen, nodes, after = set(), [], {}
-    for node in g.node:
-        if node.op_type != "QuantizeLinear":
-            nodes.append(node)
-            nodes.extend(after.get(id(node), []))
-            continue
-        tag = int(round(float(numpy_helper.to_array(inits[node.input[1]]))))
-        users = consumers.get(node.output[0], [])
-        if not 1 <= tag <= len(acts) or tag in seen or [u.op_type for u in users] != ["DequantizeLinear"]:
-            raise PdqError(f"the exported graph has an unexpected QuantizeLinear ({node.name}); accepted: the graphs "
-                           f"pdq's activation quantizers give")
-        seen.add(tag)
-        name, scale, zero_point, grid = acts[tag - 1]
-        dq = users[0]
-        # onnxruntime 1.32's int4 QuantizeLinear -> DequantizeLinear gave negative values for non-negative inputs
-        # here (tensorrt W8A4 ResNet-20): signed activations below 8 bits are stored in int8, clipped to their grid
-        width = 8 if grid.signed else container_bits(grid.bits, opset)
-        g.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{name}.scale"),
-                              _int_tensor(f"{name}.zero_point", torch.tensor(zero_point), width, grid.signed)])
-        if width != grid.bits:  # the real grid [q_min, q_max] inside the wider type: clip the dequantized value
-            lo, hi = (np.float32(scale) * np.float32(q - zero_point) for q in (grid.q_min, grid.q_max))
-            g.initializer.extend([numpy_helper.from_array(np.array(lo, np.float32), f"{name}.clip_min"),
-                                  numpy_helper.from_array(np.array(hi, np.float32), f"{name}.clip_max")])
-            after[id(dq)] = [helper.make_node("Clip", [f"{name}.dequantized", f"{name}.clip_min",
-                                                       f"{name}.clip_max"], [dq.output[0]], name=f"{name}.clip")]
-            dq.output[0] = f"{name}.dequantized"
-        node.input[1], node.input[2] = f"{name}.scale", f"{name}.zero_point"
-        dq.input[1], dq.input[2] = f"{name}.scale", f"{name}.zero_point"
-        node.name, dq.name = f"{name}.quantize", f"{name}.dequantize"
-        nodes.append(node)
-    if len(seen) != len(acts):
-        missing = [acts[i - 1][0] for i in range(1, len(acts) + 1) if i not in seen]
-        raise PdqError(f"the exported graph lost the activation quantizers {missing[:5]}")
-    del g.node[:]
-    g.node.extend(head + nodes)
-    if pass_through:
-        _repeat_through(g)
-    used = {value for node in g.node for value in node.input}
-    for init in [i for i in g.initializer if i.name not in used]:
-        g.initializer.remove(init)
-    del g.value_info[:]  # the exporter's types of the retyped values; shape inference gives them again
-    return model
-
-
-def _repeat_through(g) -> None:
-    """After each pass-through op (`PASS_THROUGH_OPS`) whose data input is a DequantizeLinear's output and which
-    feeds something other than a QuantizeLinear, the same Q/DQ pair again (same scale and zero point)."""
-    from onnx import helper
-
-    producer = {out: node for node in g.node for out in node.output}
-    consumers: dict[str, list] = {}
-    for node in g.node:
-        for value in node.input:
-            consumers.setdefault(value, []).append(node)
-    nodes = []
-    for node in g.node:
-        nodes.append(node)
-        dq = producer.get(node.input[0]) if node.input else None
-        users = consumers.get(node.output[0], []) if node.output else []
-        if (node.op_type not in PASS_THROUGH_OPS or dq is None or dq.op_type != "DequantizeLinear"
-                or not users or all(u.op_type == "QuantizeLinear" for u in users)):
-            continue
-        value = node.output[0]
-        scale, zero_point = dq.input[1], dq.input[2]
-        q = helper.make_node("QuantizeLinear", [f"{value}.pass", scale, zero_point], [f"{value}.pass_quantized"],
-                             name=f"{node.name}.quantize")
-        d = helper.make_node("DequantizeLinear", [f"{value}.pass_quantized", scale, zero_point], [value],
-                             name=f"{node.name}.dequantize")
-        node.output[0] = f"{value}.pass"
-        nodes += [q, d]
-        producer[value] = d  # a chain (reshape after max pooling) repeats it again
-    del g.node[:]
-    g.node.extend(nodes)
 
 
 def check(model) -> None:
@@ -401,50 +265,3 @@ class OnnxExport:
 
     def __call__(self, run_dir: str | Path, model: nn.Module | None = None) -> Path:
         return export_onnx(run_dir, opset=self.opset, model=model)
-
-
-def session(path: str | Path, threads: int | None = None, fuse: bool = False):
-    """An onnxruntime CPU session of an exported model.
-
-    `fuse=False` turns off onnxruntime's QDQ transformers (`session.disable_quant_qdq`): QuantizeLinear and
-    DequantizeLinear run as written and the layers in float, which is pdq's own arithmetic. `fuse=True` keeps
-    onnxruntime's defaults: at 8 bits it fuses DQ -> Conv -> Q into integer kernels (QLinearConv), and it rounds
-    each float bias to int32 at scale s_in * s_w (its WeightBiasQuantization), which below 8 bits is a coarse
-    grid (ResNet-20 W4A4: logits move by up to 2.7). onnxruntime 1.32's ClipQuantFusion also fails on a Clip
-    (ReLU6) before a 4-bit QuantizeLinear ("Unexpected data type for QuantizeLinear input y_zero_point of 21"):
-    that rule (ClipQuantRewrite) is turned off for a model with a type below 8 bits (it only drops a Clip the grid
-    makes redundant; at 8 bits it is what lets a conv followed by ReLU6 fuse)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    if not fuse:
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=disabled_optimizers(path))
-
-
-def disabled_optimizers(path: str | Path) -> list[str]:
-    """The onnxruntime rules a session of this model turns off: ClipQuantRewrite where a type below 8 bits is used
-    (`session`)."""
-    import onnx
-    from onnx import TensorProto
-
-    narrow = {TensorProto.UINT4, TensorProto.INT4, TensorProto.UINT2, TensorProto.INT2}
-    model = onnx.load(str(path), load_external_data=False)
-    return ["ClipQuantRewrite"] if any(init.data_type in narrow for init in model.graph.initializer) else []
-
-
-def head_step(gm: fx.GraphModule) -> float:
-    """How far one quantization step of every element of the classifier's input can move a logit:
-    s_in * max_j sum_i |W_ji| (the unit of the parity tolerance)."""
-    _, _, last, last_in = stem_and_head(gm)
-    fc = gm.get_submodule(last)
-    return float(gm.get_submodule(last_in).scale) * fc.weight_quant(fc.weight).abs().sum(1).max().item()
-
-
-def onnx_logits(sess, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    name = sess.get_inputs()[0].name
-    return torch.cat([torch.from_numpy(sess.run(None, {name: images[i:i + batch_size].numpy()})[0])
-                      for i in range(0, len(images), batch_size)])

@@ -38,7 +38,7 @@ def fold_bn(gm: fx.GraphModule) -> fx.GraphModule:
         if not (isinstance(prev, fx.Node) and prev.op == "call_module"
                 and isinstance(modules.get(prev.target), _FOLDABLE) and len(prev.users) == 1):
             continue
-        _set_submodule(gm, prev.target, fold_bn_into(modules[prev.target], modules[node.target]))
+        gm.set_submodule(prev.target, fold_bn_into(modules[prev.target], modules[node.target]))
         node.replace_all_uses_with(prev)
         gm.graph.erase_node(node)
     gm.graph.lint()
@@ -46,7 +46,3 @@ def fold_bn(gm: fx.GraphModule) -> fx.GraphModule:
     gm.delete_all_unused_submodules()
     return gm
 
-
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)

@@ -29,7 +29,7 @@ from torch import fx, nn
 
 from pdq.errors import PdqError
 from pdq.quant.backends import Backend, get_backend
-from pdq.quant.fold import _set_submodule, fold_bn
+from pdq.quant.fold import fold_bn
 from pdq.quant.modules import FLOAT_TO_QUANT, QUANT_LAYERS
 from pdq.quant.quantizers import ActQuantizer
 
@@ -135,7 +135,7 @@ def quantize_model(model: nn.Module, bits: int = 8, backend: str | Backend = "ac
     for node in gm.graph.nodes:
         mod = _module(gm, node)
         if mod is not None and type(mod) in FLOAT_TO_QUANT:
-            _set_submodule(gm, node.target, FLOAT_TO_QUANT[type(mod)].from_float(mod, bits))
+            gm.set_submodule(node.target, FLOAT_TO_QUANT[type(mod)].from_float(mod, bits))
     if not quant_layer_names(gm):
         raise PdqError(f"{type(model).__name__} has no Conv2d or Linear layer to quantize")
     taken = {name for name, _ in gm.named_modules()}
