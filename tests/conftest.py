@@ -2,7 +2,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -103,24 +102,24 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, **env_vars: str) -
 
 
 def kill_after_unit(run_dir: Path, *args: str, index: int = 3, **env_vars: str) -> None:
-    """Start `python run.py ARGS hydra.run.dir=RUN_DIR` and SIGKILL its whole process group (every DDP
-    rank too) as soon as its saved reconstruction state has passed unit `index`."""
-    import torch
+    """Start `python run.py ARGS hydra.run.dir=RUN_DIR` and SIGKILL its whole process group (every DDP rank
+    too) at the unit boundary the run reports: the log line that its state is saved after unit `index` of its
+    first phase. The next unit takes far longer than reading a line, so the saved state ends at that unit."""
+    import re
 
-    from pdq.resume import STATE_FILE
-
+    saved = re.compile(r"saved \S+ after phase 0 unit (\d+) ")
     env = {**os.environ, "WANDB_MODE": "offline", **env_vars}
     proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args, f"hydra.run.dir={run_dir}"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
-        while time.time() < deadline:
-            state = run_dir / STATE_FILE
-            if state.exists() and torch.load(state, weights_only=False)["index"] >= index:
+        for line in proc.stdout:
+            found = saved.search(line)
+            if found and int(found.group(1)) >= index:
                 break
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            raise AssertionError(f"the run ended (rc {proc.wait()}) before it reported unit {index} saved")
     finally:
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
 

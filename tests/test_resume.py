@@ -31,7 +31,7 @@ def test_kill_after_unit_k_then_resume_matches_uninterrupted(make_cfg, tmp_path)
     kill_after_unit(killed, *args, "logger=csv", OMP_NUM_THREADS=threads)
     assert not (killed / "results.json").exists(), "the run finished before it could be killed"
     done = len(torch.load(killed / STATE_FILE, weights_only=False)["units"])
-    assert 3 < done < 11
+    assert done == 4  # units 0..3: the kill came at the boundary the run reported
     first_part = (killed / STATE_FILE).stat().st_mtime - json.loads((killed / WALL_FILE).read_text())["started"]
     first_rows = (killed / "csv" / "metrics.csv").read_text().splitlines()[1:]
     other = tmp_path / "other"

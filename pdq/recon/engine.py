@@ -292,3 +292,5 @@ class ReconstructionEngine:
         if self.ctx.out_dir is not None and self.ctx.dist.main:
             atomic_torch_save({"phase": p, "index": i, "units": self.summaries, "state_dict": self.gm.state_dict(),
                                "fingerprint": self.ctx.fingerprint}, Path(self.ctx.out_dir) / STATE_FILE)
+            log.info("saved %s after phase %d unit %d (resume=%s continues from here)", STATE_FILE, p, i,
+                     self.ctx.out_dir)
