@@ -1,4 +1,4 @@
-"""Put on PYTHONPATH by tests/test_ddp.py: makes rank 1 of the ranks that run.py starts (LOCAL_RANK=1 with
+"""Put on PYTHONPATH by tests/run/test_ddp.py: makes rank 1 of the ranks that run.py starts (LOCAL_RANK=1 with
 PDQ_PARENT_PID set) exit with code 3, as a crash of that process would end it:
 * PDQ_TEST_RANK_EXIT=start: at once, before it joins the process group;
 * PDQ_TEST_RANK_EXIT=<path>: as soon as that file exists (e.g. the run's first saved unit), in the middle of the run.

@@ -1,5 +1,5 @@
 """A CSV logger that also records every `finalize(status)` call in <save_dir>/finalized.txt (the run dir), one line
-each: the status and the module that called it (Lightning after each fit, or pdq's own finish). tests/test_ddp.py's
+each: the status and the module that called it (Lightning after each fit, or pdq's own finish). tests/run/test_ddp.py's
 way to see that a failed run finished its logger (`logger._target_=status_logger.StatusLogger`, with tests/faults on
 PYTHONPATH)."""
 

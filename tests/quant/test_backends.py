@@ -2,7 +2,7 @@
 and on torchvision CNNs, the fusion audit of onnxruntime-backend exports, TensorRT's structural rules, parity of
 the integer kernels with pdq's simulation, and the bad inputs.
 
-Parity tolerance: as in tests/test_export.py (a value within float rounding of a grid boundary takes the
+Parity tolerance: as in tests/export/test_export.py (a value within float rounding of a grid boundary takes the
 neighbouring code in one of the two; the step propagates), the logits agree within 3 head steps and the predictions
 on all but at most one image of a subset. onnxruntime's integer kernels add their requantisation rounding (one more
 code at most per quantizer) on top, so their bound is 6 head steps and 2 predictions."""

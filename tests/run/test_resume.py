@@ -11,7 +11,7 @@ from pdq.errors import PdqError
 from pdq.pipeline import run
 from pdq.resume import EARLIER_METRICS, STATE_FILE, WALL_FILE, begin_part, fingerprint, settings_diff
 from tests.conftest import kill_after_unit, run_cli
-from tests.test_bad_input import no_heavy_work  # noqa: F401  (fixture)
+from tests.run.test_validation import no_heavy_work  # noqa: F401  (fixture)
 
 SHORT = ["model=resnet20_fmnist", "calib.size=128", "calib.act_init_size=64", "data.eval_subset=1000",
          "logger=none"]

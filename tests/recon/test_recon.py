@@ -1,5 +1,5 @@
 """Reconstruction engine: AdaRound, the schedule, QDrop dropping, and end-to-end runs (determinism,
-W2A4 reconstruction against round-to-nearest). Resuming: tests/test_resume.py."""
+W2A4 reconstruction against round-to-nearest). Resuming: tests/run/test_resume.py."""
 
 
 import pytest

@@ -1,6 +1,5 @@
 """Every option of every config group composes with the real conf/ and instantiates."""
 
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -13,8 +12,7 @@ from pdq.errors import PdqError, instantiate
 from pdq.loggers import close_logger
 from pdq.mixed import MixedLayout
 from pdq.quant import BitLayout
-
-CONF = Path(__file__).resolve().parent.parent / "conf"
+from tests.conftest import CONF
 
 
 def options(group: str) -> list[str]:

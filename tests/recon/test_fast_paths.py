@@ -30,8 +30,8 @@ from pdq.recon.losses import rounding_penalty
 from pdq.recon.module import Caches
 from pdq.recon.subgraph import prefix
 from tests.conftest import ROOT, glibc, make_dc, transparent_hugepages
-from tests.test_graph import randomize_bn
-from tests.test_recon import calibrated_weight_quantizer
+from tests.quant.test_graph import randomize_bn
+from tests.recon.test_recon import calibrated_weight_quantizer
 
 TINY = ["model=resnet20_fmnist", "calib.size=32", "calib.act_init_size=32", "data.eval_subset=200", "logger=none",
         "method.iters=3", "model.ptq.dc_steps=2", "quant=w2a4", "seed=5"]

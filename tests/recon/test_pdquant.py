@@ -17,7 +17,7 @@ from pdq.recon.losses import bn_statistics_loss
 from pdq.recon.module import Caches, UnitReconstruction
 from pdq.recon.subgraph import prefix, segment, suffix
 from tests.conftest import make_dc, make_phase
-from tests.test_graph import randomize_bn
+from tests.quant.test_graph import randomize_bn
 
 ZOO = [(resnet20_fmnist, (2, 1, 28, 28)), (mobilenetv2_fmnist, (2, 1, 28, 28)),
        (torchvision.models.resnet18, (2, 3, 64, 64)), (torchvision.models.resnet50, (2, 3, 64, 64)),

@@ -10,7 +10,7 @@ from pdq.models import build_model, known_models
 from pdq.quant import quant_layer_names, quantize_model, set_quant_state
 from pdq.recon import find_units
 from pdq.recon.subgraph import prefix, suffix
-from tests.test_graph import randomize_bn
+from tests.quant.test_graph import randomize_bn
 
 # name: (parameters, reconstruction units). ResNets and MobileNetV2 have exactly the parameters of their
 # torchvision twins (same layers, only the module names differ); RegNetX-600MF/3.2GF: 6.2M/15.3M as
