@@ -68,12 +68,13 @@ def floor_ms(cfg, qmodel, reps: int = 20) -> list[float]:
     times = []
     with full_precision(qmodel):
         logits = qmodel(images).detach()
-        for unit in find_units(qmodel, phase.pattern):
+        units = find_units(qmodel, phase.pattern)
+        outers = enclosing(qmodel, units) if phase.uses_pd else [None] * len(units)
+        for unit, outer in zip(units, outers):
             seg = segment(qmodel, unit)
             with torch.no_grad():
                 x = prefix(qmodel, unit.input)(images)
                 y = seg(x)
-            outer = enclosing(qmodel, unit) if phase.uses_pd else None
             rest = suffix(qmodel, unit.output, outer and outer.input) if phase.uses_pd else None
             rest_in = () if outer is None else (prefix(qmodel, outer.input)(images).detach(),)
             weights = [qmodel.get_submodule(n).weight for n in unit.layers(qmodel)]

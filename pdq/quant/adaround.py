@@ -4,6 +4,9 @@ h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1), V initialised so that h
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 import torch
 from torch import nn
 
@@ -15,8 +18,9 @@ ZETA, GAMMA = 1.1, -0.1
 
 class AdaRoundQuantizer(nn.Module):
     """Replaces a layer's (calibrated) `WeightQuantizer` while its unit is reconstructed. `soft=True`
-    uses h(V); after `harden()` rounding is floor(W/s) + 1[V >= 0]. `last_h` is h(V) of the latest soft forward,
-    with its graph: the rounding regulariser of the same step uses it rather than computing h(V) again."""
+    uses h(V); after `harden()` rounding is floor(W/s) + 1[V >= 0]. A soft forward computes h(V) with the
+    weight (`soft_round`); inside `soft_rounding(...)` it hands that h(V) to the block's list, which the
+    rounding regulariser of the same step takes as its argument."""
 
     def __init__(self, base: WeightQuantizer, weight: torch.Tensor):
         super().__init__()
@@ -30,7 +34,7 @@ class AdaRoundQuantizer(nn.Module):
         frac = w / self.scale - torch.floor(w / self.scale)
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1))
         self.soft = True
-        self.last_h: torch.Tensor | None = None
+        self.h_sink: Callable[[torch.Tensor], None] | None = None  # where a soft forward hands its h(V)
 
     @property
     def active(self) -> bool:
@@ -39,17 +43,37 @@ class AdaRoundQuantizer(nn.Module):
     def h(self) -> torch.Tensor:
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
+    def soft_round(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The soft-rounded weight and h(V), one autograd node (`_SoftRound`)."""
+        return _SoftRound.apply(self.alpha, w, self.scale, self.zero_point, self.grid.q_min, self.grid.q_max)
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.soft:
-            y, self.last_h = _SoftRound.apply(self.alpha, w, self.scale, self.zero_point, self.grid.q_min,
-                                              self.grid.q_max)
+            y, h = self.soft_round(w)
+            if self.h_sink is not None:
+                self.h_sink(h)
             return y
         q = torch.clamp(torch.floor(w / self.scale) + (self.alpha >= 0).to(w.dtype) + self.zero_point,
                         self.grid.q_min, self.grid.q_max)
         return from_codes(q, self.scale, self.zero_point)
 
     def harden(self) -> None:
-        self.soft, self.last_h = False, None
+        self.soft = False
+
+
+@contextlib.contextmanager
+def soft_rounding(quantizers: list[AdaRoundQuantizer]) -> Iterator[list[torch.Tensor | None]]:
+    """Yields a list with one entry per quantizer: h(V) of its latest soft forward inside the block, with its
+    graph (None until it runs). The rounding regulariser takes these h(V) rather than computing h(V) again:
+    its gradient then joins the weight's inside the same `_SoftRound` node."""
+    hs: list[torch.Tensor | None] = [None] * len(quantizers)
+    for k, q in enumerate(quantizers):
+        q.h_sink = lambda h, k=k: hs.__setitem__(k, h)
+    try:
+        yield hs
+    finally:
+        for q in quantizers:
+            q.h_sink = None
 
 
 class _SoftRound(torch.autograd.Function):

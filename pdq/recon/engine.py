@@ -1,5 +1,5 @@
 """The sequential reconstruction loop. A method is a list of `Phase`s; each phase visits the units in
-order and, for each unit:
+order and, for each unit, with one `UnitWork` that carries the unit through the three steps:
 
 1. `prepare`: caches its inputs on the quantized path (earlier units quantized and hardened) and on the
    FP path (DC-corrected when DC is on), and its FP output, for the whole calibration set on the compute
@@ -22,6 +22,7 @@ import copy
 import logging
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -75,6 +76,45 @@ def memory_format(module: torch.nn.Module, fmt: torch.memory_format):
         yield
     finally:
         module.to(memory_format=torch.contiguous_format)
+
+
+@dataclass
+class UnitWork:
+    """One unit's reconstruction in one phase, created once per unit and passed whole: `prepare` fills in
+    its segment, caches, activation quantizers and DC's results, `fit` its last loss terms and steps, and
+    `finish` summarises it."""
+    phase_index: int
+    index: int                  # the unit's position among the phase's units
+    count: int                  # the phase's units
+    unit: Unit
+    phase: Phase
+    outer: Unit | None          # the block holding the unit's output when that output is inside a branch (PD)
+    seg: fx.GraphModule | None = None   # the unit as a graph module (`segment`)
+    caches: Caches | None = None
+    acts: list[torch.nn.Module] = field(default_factory=list)  # the unit's activation quantizers
+    dc_info: dict = field(default_factory=dict)                # DC's losses, whether cached, its seconds
+    last: dict[str, float] = field(default_factory=dict)       # the loss terms of the last step
+    iters: int = 0              # steps fitted (0: nothing to learn)
+    times: dict[str, float] = field(default_factory=dict)      # seconds per stage (cache_s, act_init_s, fit_s)
+    started: float = field(default_factory=time.time)
+
+    def __post_init__(self):
+        self._lap = self.started
+
+    @property
+    def name(self) -> str:
+        """The prefix of the unit's metrics: u03_layer1.1 (p1_u03_layer1.1 in a later phase)."""
+        name = f"u{self.index:02d}_{self.unit.name}"
+        return f"p{self.phase_index}_{name}" if self.phase_index else name
+
+    @property
+    def desc(self) -> str:
+        return f"unit {self.index + 1}/{self.count} {self.unit.name}"
+
+    def lap(self, stage: str) -> None:
+        """The seconds since the previous lap (or since the start) are `stage`'s."""
+        now = time.time()
+        self.times[stage], self._lap = now - self._lap, now
 
 
 class ReconstructionEngine:
@@ -146,13 +186,17 @@ class ReconstructionEngine:
             check_chunk(phase.dc, len(self.local), self.ctx.dist)
         for p, phase in enumerate(phases):
             units = find_units(self.gm, phase.pattern)
+            outers = enclosing(self.gm, units) if phase.uses_pd else [None] * len(units)
             for q in act_quantizers(self.gm):
                 q.enabled = phase.act_quant
             self.begin_phase()
-            for i, unit in enumerate(units):
+            for i, (unit, outer) in enumerate(zip(units, outers)):
                 if (p, i) in self.done or (i == 0 and not self.ctx.reconstruct_stem):
                     continue
-                self.summaries.append(self.reconstruct(p, i, len(units), unit, phase))
+                work = UnitWork(p, i, len(units), unit, phase, outer)
+                self.prepare(work)
+                self.fit(work)
+                self.summaries.append(self.finish(work))
                 self.save(p, i)
         return self.summaries
 
@@ -164,20 +208,21 @@ class ReconstructionEngine:
                        "fp": UnitInputs(self.fp_folded(), self.local, self.run_batched, chain),
                        "outer": UnitInputs(self.gm, self.local, self.run_batched, chain)}
 
-    def caches(self, unit: Unit, phase: Phase, outer: Unit | None) -> tuple[Caches, dict]:
+    def cache(self, work: UnitWork) -> None:
+        """The unit's caches (`work.caches`) and, when DC is on, DC's results (`work.dc_info`)."""
+        unit, phase = work.unit, work.phase
         x_q = None
         if phase.input_prob > 0 or phase.uses_pd:
             if phase.act_quant:
                 self.calibrate_upstream(unit.input)
             x_q = self.inputs["q"](unit.input.name)
         x_fp = self.inputs["fp"](unit.input.name)
-        dc_info: dict = {}
         if phase.dc.enabled:
-            x_fp, dc_info = self.correct(unit, phase.dc, x_fp)
+            x_fp, work.dc_info = self.correct(unit, phase.dc, x_fp)
         y_fp = self.run_batched(self.fp_segment(unit), x_fp)
         logits = self.logits() if phase.uses_pd else None
-        rest_input = None if outer is None else self.inputs["outer"](outer.input.name)
-        return Caches(x_q, x_fp if phase.input_prob < 1 else None, y_fp, logits, rest_input), dc_info
+        rest_input = None if work.outer is None else self.inputs["outer"](work.outer.input.name)
+        work.caches = Caches(x_q, x_fp if phase.input_prob < 1 else None, y_fp, logits, rest_input)
 
     def calibrate_upstream(self, node: fx.Node) -> None:
         """Activation quantizers on the way to `node` that no unit initialised (glue between units), from the
@@ -208,45 +253,19 @@ class ReconstructionEngine:
                 store.save(found, x_fp, info)
         return x_fp, {**info, "dc_cached": hit is not None, "dc_s": round(time.time() - t_dc, 3)}
 
-    def reconstruct(self, p: int, i: int, n_units: int, unit: Unit, phase: Phase) -> dict:
-        """Prepare, fit and finish one unit; returns its summary."""
-        t0 = time.time()
-        name = f"p{p}_u{i:02d}_{unit.name}" if p else f"u{i:02d}_{unit.name}"
-        outer = enclosing(self.gm, unit) if phase.uses_pd else None
-        seg, caches, acts, dc_info, t_cache = self.prepare(unit, phase, outer, name)
-        t_init = time.time()
-        last, trained = self.fit(p, i, unit, phase, outer, seg, caches, acts, name,
-                                 f"unit {i + 1}/{n_units} {unit.name}")
-        times = {"seconds": time.time() - t0, "cache_s": t_cache - t0, "act_init_s": t_init - t_cache,
-                 "fit_s": time.time() - t_init}
-        return self.finish(p, i, n_units, unit, phase.iters if trained else 0, last, dc_info, times)
-
-    def prepare(self, unit: Unit, phase: Phase, outer: Unit | None, name: str
-                ) -> tuple[fx.GraphModule, Caches, list, dict, float]:
+    def prepare(self, work: UnitWork) -> None:
         """The unit's segment, its caches (DC-corrected FP inputs when DC is on; DC's losses logged at the
-        unit's first step), its activation quantizers (initialised when the phase quantizes activations),
-        and when caching ended."""
-        seg = segment(self.gm, unit)
-        caches, dc_info = self.caches(unit, phase, outer)
-        if dc_info and self.ctx.logger is not None:
-            self.ctx.logger.log_metrics({f"{name}/{k}": v for k, v in dc_info.items() if k.startswith("dc_loss")},
-                                        step=self.step_offset + 1)
-        t_cache = time.time()
-        acts = [self.gm.get_submodule(n) for n in unit.act_quants(self.gm)]
-        if phase.act_quant:
-            self.init_activations(seg, caches)
-        return seg, caches, acts, dc_info, t_cache
-
-    def finish(self, p: int, i: int, n_units: int, unit: Unit, iters: int, last: dict, dc_info: dict,
-               times: dict) -> dict:
-        """Advance the global step axis past the unit, log its line, and return its summary."""
-        final = {k: round(v, 6) for k, v in last.items()}
-        self.step_offset += iters
-        log.info("unit %d/%d %s: %s (cache %.1fs, act init %.1fs, fit %.1fs)", i + 1, n_units, unit.name,
-                 " ".join(f"{k}={v:.4g}" for k, v in final.items()), times["cache_s"], times["act_init_s"],
-                 times["fit_s"])
-        return {"name": unit.name, "phase": p, "index": i, "kind": unit.kind, "iters": iters,
-                **{k: round(v, 3) for k, v in times.items()}, **final, **dc_info}
+        unit's first step) and its activation quantizers (initialised when the phase quantizes activations)."""
+        work.seg = segment(self.gm, work.unit)
+        self.cache(work)
+        if work.dc_info and self.ctx.logger is not None:
+            self.ctx.logger.log_metrics({f"{work.name}/{k}": v for k, v in work.dc_info.items()
+                                         if k.startswith("dc_loss")}, step=self.step_offset + 1)
+        work.lap("cache_s")
+        work.acts = [self.gm.get_submodule(n) for n in work.unit.act_quants(self.gm)]
+        if work.phase.act_quant:
+            self.init_activations(work.seg, work.caches)
+        work.lap("act_init_s")
 
     def init_activations(self, seg: fx.GraphModule, caches: Caches) -> None:
         """The unit's uncalibrated activation quantizers, from the first `act_init_size` images of the whole
@@ -256,23 +275,22 @@ class ReconstructionEngine:
         ctx.dist.broadcast_quantizers(calibrate_activations(seg, x_init.float(), self.act_observer,
                                                             only_uninitialized=True))
 
-    def fit(self, p: int, i: int, unit: Unit, phase: Phase, outer: Unit | None, seg: fx.GraphModule, caches: Caches,
-            acts: list, name: str, desc: str) -> tuple[dict[str, float], bool]:
-        """Fit what `phase` learns on `unit` with a Lightning Trainer, then harden and freeze it. Returns the
-        last loss terms and whether anything was learned. Batches and masks come from generators seeded
-        by (seed, phase, unit, rank)."""
-        ctx, gm = self.ctx, self.gm
+    def fit(self, work: UnitWork) -> None:
+        """Fit what the phase learns on the unit with a Lightning Trainer, then harden and freeze it; keeps the
+        last loss terms and the steps fitted (0 when there is nothing to learn). Batches and masks come from
+        generators seeded by (seed, phase, unit, rank)."""
+        ctx, gm, phase, unit, acts = self.ctx, self.gm, work.phase, work.unit, work.acts
         layers = [gm.get_submodule(n) for n in unit.layers(gm)]
-        rank = ctx.dist.rank
+        rank, p, i = ctx.dist.rank, work.phase_index, work.index
         gen = torch.Generator().manual_seed(stream_seed(ctx.seed, p, i, 2 * rank))
         mask_gen = torch.Generator(device=ctx.device).manual_seed(stream_seed(ctx.seed, p, i, 2 * rank + 1))
-        rest = suffix(gm, unit.output, outer and outer.input) if phase.uses_pd else None
+        rest = suffix(gm, unit.output, work.outer and work.outer.input) if phase.uses_pd else None
         with (adaround(layers if phase.learn_rounding else []) as adarounds,
               learned_scales(acts if phase.learns_scales else []) as scales,
               dropping(acts, phase.drop_prob, mask_gen),
               full_precision(rest if rest is not None else torch.nn.Identity())):  # the rest stays FP (spec §5.2)
-            module = UnitReconstruction(seg, caches, phase, adarounds=adarounds, scales=scales,
-                                        mask_generator=mask_gen, log_prefix=name, step_offset=self.step_offset,
+            module = UnitReconstruction(work.seg, work.caches, phase, adarounds=adarounds, scales=scales,
+                                        mask_generator=mask_gen, log_prefix=work.name, step_offset=self.step_offset,
                                         log_every=ctx.log_every, suffix=rest, drop_quantizers=tuple(acts))
             trained = bool(adarounds or scales)
             if trained and phase.iters > 0:
@@ -280,13 +298,25 @@ class ReconstructionEngine:
                 trainer = ctx.trainer(max_epochs=1, logger=ctx.logger or False, enable_checkpointing=False,
                                       enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
                                       limit_val_batches=0, use_distributed_sampler=False,
-                                      callbacks=[UnitProgress(desc, phase.iters, ctx.dist.progress_disable)])
-                batches = loader(len(caches), ctx.batch_size // ctx.dist.world_size, phase.iters, gen)
+                                      callbacks=[UnitProgress(work.desc, phase.iters, ctx.dist.progress_disable)])
+                batches = loader(len(work.caches), ctx.batch_size // ctx.dist.world_size, phase.iters, gen)
                 with warnings.catch_warnings():
                     for message in FIT_WARNINGS:
                         warnings.filterwarnings("ignore", message=message)
                     trainer.fit(module, train_dataloaders=batches)
-        return module.last, trained
+        work.last, work.iters = module.last, phase.iters if trained else 0
+        work.lap("fit_s")
+
+    def finish(self, work: UnitWork) -> dict:
+        """Advance the global step axis past the unit, log its line, and return its summary."""
+        final = {k: round(v, 6) for k, v in work.last.items()}
+        times = {"seconds": time.time() - work.started, **work.times}
+        self.step_offset += work.iters
+        log.info("unit %d/%d %s: %s (cache %.1fs, act init %.1fs, fit %.1fs)", work.index + 1, work.count,
+                 work.unit.name, " ".join(f"{k}={v:.4g}" for k, v in final.items()), times["cache_s"],
+                 times["act_init_s"], times["fit_s"])
+        return {"name": work.unit.name, "phase": work.phase_index, "index": work.index, "kind": work.unit.kind,
+                "iters": work.iters, **{k: round(v, 3) for k, v in times.items()}, **final, **work.dc_info}
 
     def save(self, p: int, i: int) -> None:
         if self.ctx.out_dir is not None and self.ctx.dist.main:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from pdq.quant.adaround import AdaRoundQuantizer
+from pdq.quant.adaround import AdaRoundQuantizer, soft_rounding
 from pdq.quant.functional import bernoulli_mask, is_channels_last
 from pdq.quant.state import dropping
 from pdq.recon.losses import RoundingRegularizer, prediction_difference, reconstruction_loss
@@ -61,7 +61,9 @@ class UnitReconstruction(L.LightningModule):
     """Fits one unit under one `Phase`: manual optimisation, one backward per step, the loss terms of
     `pdq.recon.losses` weighted by the phase. `adarounds` / `scales` are what the phase learns on this
     unit; `drop_quantizers` are the unit's activation quantizers (QDrop); `suffix` is the FP rest of the
-    network (PD term)."""
+    network (PD term). The loss terms reach the host (`last`, as Python floats) only on the steps that log
+    them (every `log_every` steps) and on the last step, whose terms are the unit's summary: a float read per
+    term per step would wait for a GPU every step."""
 
     def __init__(self, unit: nn.Module, caches: Caches, phase: Phase, *, adarounds: list[AdaRoundQuantizer],
                  scales: list[nn.Parameter], mask_generator: torch.Generator, log_prefix: str, step_offset: int,
@@ -78,7 +80,7 @@ class UnitReconstruction(L.LightningModule):
         self.log_prefix, self.step_offset, self.log_every = log_prefix, step_offset, log_every
         self.automatic_optimization = False
         self.t = 0  # finished steps; the step in progress is t + 1
-        self.last: dict[str, float] = {}
+        self.last: dict[str, float] = {}  # the loss terms of the latest step that read them (`reads_losses`)
 
     def configure_optimizers(self):
         """The phase's partial optimisers (and the scales' LR scheduler) over what this unit learns."""
@@ -104,10 +106,10 @@ class UnitReconstruction(L.LightningModule):
         mask = bernoulli_mask(x_q, input_prob, self.mask_generator)
         return torch.lerp(c.rows("x_fp", idx), x_q, mask, out=mask)  # into the mask: one buffer fewer
 
-    def losses(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each term as it enters the total: rec_weight * L_rec + pd_weight * L_PD + round_weight * f_reg."""
+    def outputs(self, idx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The unit's output on the batch's (mixed) input, for the reconstruction term, and on its quantized
+        input, for the PD term; None where the phase has no such term."""
         ph, c = self.phase, self.caches
-        terms: dict[str, torch.Tensor] = {}
         out = out_q = None
         if ph.uses_pd and ph.pd_branch_drop and ph.rec_weight > 0:
             # PD-Quant: one forward of [mixed half ; quantized half], dropping on in both (spec §5.2)
@@ -123,6 +125,14 @@ class UnitReconstruction(L.LightningModule):
                 else:
                     with dropping(self.drop_quantizers, 1.0, None):
                         out_q = self.unit(x_q)
+        return out, out_q
+
+    def losses(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each term as it enters the total: rec_weight * L_rec + pd_weight * L_PD + round_weight * f_reg."""
+        ph, c = self.phase, self.caches
+        terms: dict[str, torch.Tensor] = {}
+        with soft_rounding(list(self.adarounds)) as hs:  # h(V) of the latest forward, for f_reg
+            out, out_q = self.outputs(idx)
         if out is not None:
             terms["rec_loss"] = ph.rec_weight * reconstruction_loss(out, c.rows("y_fp", idx), ph.rec_p)
         if ph.uses_pd:
@@ -130,11 +140,15 @@ class UnitReconstruction(L.LightningModule):
             terms["pd_loss"] = ph.pd_weight * prediction_difference(self.suffix(*rest), c.rows("logits", idx),
                                                                     ph.temperature)
         if len(self.adarounds):
-            reg = self.regularizer((q.last_h for q in self.adarounds), self.t + 1)  # steps count from 1
+            reg = self.regularizer(hs, self.t + 1)  # steps count from 1
             ref = out if out is not None else out_q
             terms["round_loss"] = ph.round_weight * reg if reg is not None else ref.new_zeros(())
         terms["loss"] = sum(terms.values())
         return terms
+
+    def reads_losses(self) -> bool:
+        """Whether the step just finished reads its loss terms to the host: a logging step or the last."""
+        return self.t % self.log_every == 0 or self.t == self.phase.iters
 
     def training_step(self, idx: torch.Tensor, batch_idx: int):
         opts = self.optimizers()
@@ -149,8 +163,10 @@ class UnitReconstruction(L.LightningModule):
         for sched in scheds if isinstance(scheds, list) else [scheds] if scheds is not None else []:
             sched.step()
         self.t += 1
+        if not self.reads_losses():
+            return
         self.last = {k: float(v.detach()) for k, v in terms.items()}
-        if self.logger is not None and (self.t % self.log_every == 0 or self.t == self.phase.iters):
+        if self.logger is not None:
             metrics = {f"{self.log_prefix}/{k}": v for k, v in self.last.items()}
             for i, opt in enumerate(opts):
                 metrics[f"{self.log_prefix}/lr_{'round' if i == 0 and len(self.adarounds) else 'scale'}"] = \
@@ -159,7 +175,7 @@ class UnitReconstruction(L.LightningModule):
 
 
 class UnitProgress(L.Callback):
-    """One progress bar per unit ("unit 3/11 layer1.1") with the latest loss terms."""
+    """One progress bar per unit ("unit 3/11 layer1.1") with the loss terms the latest logging step read."""
 
     def __init__(self, desc: str, total: int, disable: bool | None = None):
         self.desc, self.total, self.disable, self.bar = desc, total, disable, None
@@ -172,7 +188,7 @@ class UnitProgress(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.bar.update(1)
-        if pl_module.t % 10 == 0:
+        if pl_module.reads_losses():
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in pl_module.last.items()}, refresh=False)
 
     def on_train_end(self, trainer, pl_module):

@@ -296,12 +296,13 @@ def find_units(gm: fx.GraphModule, pattern: str = "block") -> list[Unit]:
     return _layer_units(gm) if pattern == "layer" else _Partition(gm).units()
 
 
-def enclosing(gm: fx.GraphModule, unit: Unit) -> Unit | None:
-    """The block-pattern unit that holds `unit`'s output when that output is no cut point (a layer inside
-    a branch), else None: the FP rest of the network then also reads that unit's input."""
-    if unit.output in set(cut_points(data_path(gm))):
-        return None
-    return next(u for u in find_units(gm, "block") if unit.output in u.nodes)
+def enclosing(gm: fx.GraphModule, units: list[Unit]) -> list[Unit | None]:
+    """For each of `units`, the block-pattern unit that holds its output when that output is no cut point (a
+    layer inside a branch), else None: the FP rest of the network then also reads that unit's input. The graph
+    is partitioned once for all of them (and not at all when every output is a cut point)."""
+    cuts = set(cut_points(data_path(gm)))
+    blocks = find_units(gm, "block") if any(u.output not in cuts for u in units) else []
+    return [None if u.output in cuts else next(b for b in blocks if u.output in b.nodes) for u in units]
 
 
 def warn_about(gm: fx.GraphModule, units: list[Unit], pattern: str) -> list[str]:

@@ -112,7 +112,8 @@ def test_pd_term_of_a_layer_inside_a_branch_uses_the_enclosing_unit():
     assert len(units) == len(quant_layer_names(qm))
     trained = [u for u in units if u["iters"]]  # the layers with an activation quantizer to learn
     assert trained and all("pd_loss" in u for u in trained)
-    inside = {u.name for u in find_units(qm, "layer") if enclosing(qm, u) is not None}
+    layers = find_units(qm, "layer")
+    inside = {u.name for u, outer in zip(layers, enclosing(qm, layers), strict=True) if outer is not None}
     assert len(inside & {u["name"] for u in trained}) >= 10
 
 

@@ -148,6 +148,11 @@ def test_w2a4_reconstruction_beats_round_to_nearest(make_cfg, tmp_path):
     assert rec["quant_top1"] > rtn["quant_top1"] + 1.0, (rec["quant_top1"], rtn["quant_top1"])
 
 
+def cached(engine, work):
+    engine.cache(work)
+    return work.caches
+
+
 def test_fp_path_ignores_rounding_written_into_finished_units():
     """Hardening writes the rounded weights of a finished unit into the quantized graph; the FP inputs and
     targets of later units (and the logits) must still come from the float model."""
@@ -155,7 +160,7 @@ def test_fp_path_ignores_rounding_written_into_finished_units():
     from pdq.models import build_model
     from pdq.quant import LpObserver, quantize_model
     from pdq.quant.state import calibrate_activations, calibrate_weights, full_precision, set_quant_state
-    from pdq.recon.engine import ReconstructionEngine
+    from pdq.recon.engine import ReconstructionEngine, UnitWork
     from pdq.recon.subgraph import prefix
     from pdq.recon.units import find_units
 
@@ -173,12 +178,12 @@ def test_fp_path_ignores_rounding_written_into_finished_units():
     units = find_units(gm, "block")
     phase = make_phase("qdrop", input_prob=0.5, pd_weight=1.0)
     engine.begin_phase()
-    before, _ = engine.caches(units[3], phase, None)
+    before = cached(engine, UnitWork(0, 3, len(units), units[3], phase, None))
     with torch.no_grad():
         for name in units[1].layers(gm):  # a finished unit: its weights now hold something else
             gm.get_submodule(name).weight.mul_(-2.0)
     engine.begin_phase()  # the inputs cached so far are from before the change
-    after, _ = engine.caches(units[3], phase, None)
+    after = cached(engine, UnitWork(0, 3, len(units), units[3], phase, None))
     assert torch.equal(before.x_fp, after.x_fp) and torch.equal(before.y_fp, after.y_fp)
     assert torch.equal(before.logits, after.logits)
     assert not torch.allclose(before.x_q, after.x_q)  # the quantized path does see the finished unit
