@@ -65,7 +65,7 @@ class UnitReconstruction(L.LightningModule):
 
     def __init__(self, unit: nn.Module, caches: Caches, phase: Phase, *, adarounds: list[AdaRoundQuantizer],
                  scales: list[nn.Parameter], mask_generator: torch.Generator, log_prefix: str, step_offset: int,
-                 log_every: int, suffix: nn.Module | None = None, drop_quantizers: tuple = ()):
+                 suffix: nn.Module | None = None, drop_quantizers: tuple = ()):
         super().__init__()
         if phase.uses_pd and suffix is None:
             raise ValueError("the PD term needs the FP rest of the network (suffix)")
@@ -75,7 +75,7 @@ class UnitReconstruction(L.LightningModule):
         self.suffix, self.drop_quantizers = suffix, drop_quantizers
         self.regularizer = RoundingRegularizer(phase.iters, phase.warmup, phase.b_range)
         self.mask_generator = mask_generator
-        self.log_prefix, self.step_offset, self.log_every = log_prefix, step_offset, log_every
+        self.log_prefix, self.step_offset = log_prefix, step_offset
         self.automatic_optimization = False
         self.t = 0  # finished steps; the step in progress is t + 1
         self.last: dict[str, float] = {}
@@ -150,7 +150,8 @@ class UnitReconstruction(L.LightningModule):
             sched.step()
         self.t += 1
         self.last = {k: float(v.detach()) for k, v in terms.items()}
-        if self.logger is not None and (self.t % self.log_every == 0 or self.t == self.phase.iters):
+        every = self.trainer.log_every_n_steps if self.logger is not None else 0  # conf/trainer; 0: last step only
+        if self.logger is not None and (self.t == self.phase.iters or (every > 0 and self.t % every == 0)):
             metrics = {f"{self.log_prefix}/{k}": v for k, v in self.last.items()}
             for i, opt in enumerate(opts):
                 metrics[f"{self.log_prefix}/lr_{'round' if i == 0 and len(self.adarounds) else 'scale'}"] = \
