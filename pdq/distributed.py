@@ -114,15 +114,15 @@ def compute_tag(device: torch.device) -> str:
 
 def world_size_of(trainer_cfg) -> int:
     """Processes a trainer config asks for (devices x num_nodes); a clear error for what DDP can't run."""
-    strategy = trainer_cfg.get("strategy", "auto")
-    devices, nodes = trainer_cfg.get("devices", 1), trainer_cfg.get("num_nodes", 1)
-    accelerator = trainer_cfg.get("accelerator", "cpu")
+    strategy = trainer_cfg["strategy"]
+    devices, nodes = trainer_cfg["devices"], trainer_cfg["num_nodes"]
+    accelerator = trainer_cfg["accelerator"]
     if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
         raise PdqError(f"trainer.num_nodes={nodes!r} is not accepted; accepted: a positive integer")
     if devices == -1 and accelerator in ("gpu", "cuda"):
         devices = torch.cuda.device_count()
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
-        raise PdqError(f"trainer.devices={trainer_cfg.get('devices')!r} is not accepted; accepted: a positive "
+        raise PdqError(f"trainer.devices={trainer_cfg['devices']!r} is not accepted; accepted: a positive "
                        f"integer (the processes per node), or -1 for every visible GPU")
     world = devices * nodes
     if world > 1 and strategy not in DDP_STRATEGIES:

@@ -287,8 +287,8 @@ def session(trainer_cfg, out_dir: Path):
 
 @contextlib.contextmanager
 def _group(trainer_cfg, out_dir: Path, world: int):
-    gpu = trainer_cfg.get("accelerator", "cpu") in ("gpu", "cuda")
-    nodes = trainer_cfg.get("num_nodes", 1)
+    gpu = trainer_cfg.accelerator in ("gpu", "cuda")
+    nodes = trainer_cfg.num_nodes
     devices = world // nodes
     saved_threads = torch.get_num_threads()
     ranks = store = None

@@ -87,7 +87,7 @@ def execute(cfg: DictConfig, model: torch.nn.Module | None = None,
         check_writable(out_dir)
         check_logger(cfg)
         method = built(cfg.method, Method, "method")
-        exporter = instantiate(cfg.export) if cfg.get("export") else None
+        exporter = instantiate(cfg.export) if cfg.export else None
         datamodule = datamodule if datamodule is not None else built(cfg.data, DataModule, "data")
         datamodule.prepare_data()  # cheap: the files exist, split sizes
         if cfg.calib.size > datamodule.train_size:
@@ -131,7 +131,7 @@ def run_ranks(run: Run) -> tuple[dict, torch.nn.Module]:
                          channels_last=cfg.calib.channels_last, trainer=instantiate(cfg.trainer), logger=logger,
                          out_dir=run.out_dir, resume_state=run.resume_state,
                          reconstruct_stem=run.layout.reconstruct_stem, fingerprint=fingerprint(cfg), fp_model=model,
-                         dist=dist, cache_dir=cfg.paths.get("cache_dir"))
+                         dist=dist, cache_dir=cfg.paths.cache_dir)
         layout, record = run.layout.prepare(qmodel, calib, ctx)  # quant=mixed: the allocation
         table = layout.resolve(qmodel)
         apply_layout(qmodel, table)
@@ -158,7 +158,7 @@ def quantize_and_evaluate(run: Run, layout: BitLayout, table: dict, model: torch
     if test_loader is None:
         log.info("data=%s has no evaluation set: top-1 is not measured", run.datamodule.name)
     fp = None if test_loader is None else fp_top1(
-        model, test_loader, device, cache_dir=cfg.paths.get("cache_dir"), model_name=cfg.model.name,
+        model, test_loader, device, cache_dir=cfg.paths.cache_dir, model_name=cfg.model.name,
         data=OmegaConf.to_container(cfg.data, resolve=True), dist=dist)
     plan = integer_plan(qmodel)
     log_integer_plan(plan)

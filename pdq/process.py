@@ -57,5 +57,5 @@ def seed_and_switches(cfg: DictConfig) -> None:
     kernels that read memory they did not write, and costs a pass over every temporary (in DC, each over the
     whole calibration set)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    torch.use_deterministic_algorithms(bool(cfg.trainer.get("deterministic")), warn_only=True)
+    torch.use_deterministic_algorithms(bool(cfg.trainer.deterministic), warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = False

@@ -30,6 +30,12 @@ WALL_FILE = "wall_time.json"
 #: where a resumed run keeps the CSV rows of its earlier parts while Lightning's CSVLogger writes a new file
 EARLIER_METRICS = ".metrics_earlier.csv"
 
+#: trainer keys that conf/trainer/_base.yaml did not always set: runs saved before it did ran with Lightning's
+#: defaults for them (what a saved fingerprint or results.json without the key means)
+SAVED_BEFORE = {"trainer.strategy": "auto", "trainer.num_nodes": 1}
+#: settings that change no result: a resumed (or finished) run may differ in them
+NO_RESULT = {"trainer.log_every_n_steps"}
+
 
 def fingerprint(cfg: DictConfig) -> dict:
     """The settings a resumed run must share with the interrupted one: everything that changes the result,
@@ -51,8 +57,9 @@ def settings_diff(saved: dict | None, cfg: DictConfig, limit: int = 8) -> list[s
         if group not in saved:
             diffs.append(f"{group}: not recorded (saved) vs {_show(now[group])} (now)")
             continue
-        a, b = flatten(saved[group], group), flatten(now[group], group)
-        for key in sorted(a.keys() | b.keys()):
+        a = {**{k: v for k, v in SAVED_BEFORE.items() if k.startswith(f"{group}.")}, **flatten(saved[group], group)}
+        b = flatten(now[group], group)
+        for key in sorted((a.keys() | b.keys()) - NO_RESULT):
             if a.get(key, "<absent>") != b.get(key, "<absent>"):
                 diffs.append(f"{key}: {_show(a.get(key, '<absent>'))} (saved) vs {_show(b.get(key, '<absent>'))} (now)")
     if len(diffs) > limit:
@@ -67,7 +74,7 @@ def resume_dir(cfg: DictConfig) -> Path:
 def finished_results(cfg: DictConfig) -> dict | None:
     """With `resume=auto` or `resume=<dir>`: the `results.json` already in that dir, when the same settings
     made it (the run is finished: nothing to do, and the file is left as it is)."""
-    if not cfg.get("resume"):
+    if not cfg.resume:
         return None
     path = resume_dir(cfg) / "results.json"
     if not path.is_file():
@@ -100,7 +107,7 @@ def read_state(path: Path, resume: str) -> dict:
 def load_resume_state(cfg: DictConfig) -> tuple[Path, dict | None]:
     """(output dir, saved state or None). A resumed run writes into the interrupted run's dir; `resume=auto`
     resumes from this run's own dir when it holds a saved state, and starts afresh otherwise."""
-    if not cfg.get("resume"):
+    if not cfg.resume:
         return Path(cfg.paths.output_dir), None
     run_dir = resume_dir(cfg)
     if cfg.resume == "auto" and not (run_dir / STATE_FILE).is_file():

@@ -86,13 +86,13 @@ def validate(cfg: DictConfig, check_model: bool = True) -> BitLayout:
     check_calib(cfg.calib)
     check_bool("keep_freed_memory", cfg.keep_freed_memory)
     check_int("seed", cfg.seed, 0, SEED_MAX)
-    if cfg.get("resume") not in (None, "auto"):
+    if cfg.resume not in (None, "auto"):
         run_dir = Path(cfg.resume).expanduser()
         if not (run_dir / STATE_FILE).is_file() and not (run_dir / "results.json").is_file():
             raise PdqError(f"resume={cfg.resume!r} holds neither {STATE_FILE} nor results.json; accepted: the run "
                            f"dir of an interrupted (or finished) reconstruction run, or auto")
     layout = instantiate(cfg.quant, _convert_="all")
-    accelerator = cfg.trainer.get("accelerator", "cpu")
+    accelerator = cfg.trainer.accelerator
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise PdqError(f"trainer.accelerator={accelerator!r} but no CUDA device is visible; accepted here: cpu")
     world = world_size_of(cfg.trainer)

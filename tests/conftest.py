@@ -1,3 +1,4 @@
+import functools
 import os
 import signal
 import subprocess
@@ -76,6 +77,21 @@ def compose_config(*overrides: str):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=list(overrides))
+
+
+@functools.cache
+def _quant_config() -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(compose_config("quant=w4a4").quant)
+
+
+def make_layout(w_bits: int, a_bits: int, **overrides):
+    """A `BitLayout` as conf/quant builds it (conf/quant/_base.yaml's values) at `w_bits`/`a_bits`, with
+    `overrides` (layout=, per_layer=, backend=, ...), so that tests use the YAML's values and not a copy of them."""
+    from pdq.errors import instantiate
+
+    return instantiate({**_quant_config(), "w_bits": w_bits, "a_bits": a_bits, **overrides}, _convert_="all")
 
 
 def make_phase(method: str = "qdrop", index: int = 0, **settings):

@@ -45,7 +45,7 @@ def sensitivity_run(overrides: list[str], out: Path | None) -> Path:
         apply_layout(gm, layout.resolve(gm))
         images = datamodule.calibration_set(cfg.calib.size, cfg.seed).to(device)
         settings = {"model": cfg.model.name, "calib_size": cfg.calib.size, "seed": cfg.seed}
-        cache_dir = cfg.paths.get("cache_dir")
+        cache_dir = cfg.paths.cache_dir
         if layout.budget_key is not None:
             files = layout.allocate(gm, images, cache_dir, settings)[1]
         else:

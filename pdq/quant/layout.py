@@ -11,7 +11,7 @@ name such as `layer1.0.aq` its activation bits): a dict, or on the command line 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,16 +37,19 @@ PRESET_KEYS = ("stem_w_bits", "stem_out_bits", "fc_w_bits", "fc_in_bits", "in_bi
 
 @dataclass
 class BitLayout:
+    """The bit widths of every quantizer: built from conf/quant (`quant=w4a4`, ...), which holds every value
+    (conf/quant/_base.yaml: the layout preset, no per-preset overrides, academic backend); no defaults here.
+    None for a preset key: the `layout` preset's value."""
     w_bits: int
     a_bits: int
-    layout: str = "pdquant"
-    stem_w_bits: int | None = None
-    stem_out_bits: int | None = None
-    fc_w_bits: int | None = None
-    fc_in_bits: int | None = None
-    in_bits: int | None = None
-    per_layer: dict[str, int] | list[str] = field(default_factory=dict)
-    backend: str = "academic"
+    layout: str
+    stem_w_bits: int | None
+    stem_out_bits: int | None
+    fc_w_bits: int | None
+    fc_in_bits: int | None
+    in_bits: int | None
+    per_layer: dict[str, int] | list[str]
+    backend: str
 
     @property
     def label(self) -> str:

@@ -291,7 +291,7 @@ class ReconstructionEngine:
               full_precision(rest if rest is not None else torch.nn.Identity())):  # the rest stays FP (spec §5.2)
             module = UnitReconstruction(work.seg, work.caches, phase, adarounds=adarounds, scales=scales,
                                         mask_generator=mask_gen, log_prefix=work.name, step_offset=self.step_offset,
-                                        log_every=ctx.log_every, suffix=rest, drop_quantizers=tuple(acts))
+                                        suffix=rest, drop_quantizers=tuple(acts))
             trained = bool(adarounds or scales)
             if trained and phase.iters > 0:
                 # one epoch over exactly `iters` index batches (max_steps would count every optimizer's step)

@@ -62,12 +62,12 @@ class UnitReconstruction(L.LightningModule):
     `pdq.recon.losses` weighted by the phase. `adarounds` / `scales` are what the phase learns on this
     unit; `drop_quantizers` are the unit's activation quantizers (QDrop); `suffix` is the FP rest of the
     network (PD term). The loss terms reach the host (`last`, as Python floats) only on the steps that log
-    them (every `log_every` steps) and on the last step, whose terms are the unit's summary: a float read per
+    them (every `trainer.log_every_n_steps` steps) and on the last step, whose terms are the unit's summary: a float read per
     term per step would wait for a GPU every step."""
 
     def __init__(self, unit: nn.Module, caches: Caches, phase: Phase, *, adarounds: list[AdaRoundQuantizer],
                  scales: list[nn.Parameter], mask_generator: torch.Generator, log_prefix: str, step_offset: int,
-                 log_every: int, suffix: nn.Module | None = None, drop_quantizers: tuple = ()):
+                 suffix: nn.Module | None = None, drop_quantizers: tuple = ()):
         super().__init__()
         if phase.uses_pd and suffix is None:
             raise ValueError("the PD term needs the FP rest of the network (suffix)")
@@ -77,7 +77,7 @@ class UnitReconstruction(L.LightningModule):
         self.suffix, self.drop_quantizers = suffix, drop_quantizers
         self.regularizer = RoundingRegularizer(phase.iters, phase.warmup, phase.b_range)
         self.mask_generator = mask_generator
-        self.log_prefix, self.step_offset, self.log_every = log_prefix, step_offset, log_every
+        self.log_prefix, self.step_offset = log_prefix, step_offset
         self.automatic_optimization = False
         self.t = 0  # finished steps; the step in progress is t + 1
         self.last: dict[str, float] = {}  # the loss terms of the latest step that read them (`reads_losses`)
@@ -147,8 +147,10 @@ class UnitReconstruction(L.LightningModule):
         return terms
 
     def reads_losses(self) -> bool:
-        """Whether the step just finished reads its loss terms to the host: a logging step or the last."""
-        return self.t % self.log_every == 0 or self.t == self.phase.iters
+        """Whether the step just finished reads its loss terms to the host: a logging step (conf/trainer
+        `log_every_n_steps`; 0: none) or the last."""
+        every = self.trainer.log_every_n_steps
+        return self.t == self.phase.iters or (every > 0 and self.t % every == 0)
 
     def training_step(self, idx: torch.Tensor, batch_idx: int):
         opts = self.optimizers()

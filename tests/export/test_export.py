@@ -31,9 +31,8 @@ from pdq.export.runtime import session
 from pdq.models import build_model
 from pdq.pipeline import run
 from pdq.quant import MinMaxObserver, apply_layout, calibrate_activations, calibrate_weights, quantize_model
-from pdq.quant.layout import BitLayout
 from pdq.resume import STATE_FILE
-from tests.conftest import EVAL, ROOT, compose_config
+from tests.conftest import EVAL, ROOT, compose_config, make_layout
 
 RESNET = {"builder": "build_model", "name": "resnet20_fmnist"}
 
@@ -42,7 +41,7 @@ RESNET = {"builder": "build_model", "name": "resnet20_fmnist"}
 def rtn(name: str, w: int, a: int, calib: torch.Tensor, per_layer=()) -> torch.fx.GraphModule:
     """A round-to-nearest (min-max) quantized graph of an embedded model."""
     gm = quantize_model(build_model(name))
-    apply_layout(gm, BitLayout(w, a, per_layer=list(per_layer)).resolve(gm))
+    apply_layout(gm, make_layout(w, a, per_layer=list(per_layer)).resolve(gm))
     calibrate_weights(gm, MinMaxObserver())
     calibrate_activations(gm, calib, MinMaxObserver())
     return gm.eval()

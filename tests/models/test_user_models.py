@@ -91,7 +91,7 @@ def _engine_run(model: nn.Module, method: str, **settings) -> list[dict]:
     qm = quantize_model(model)
     trainer = partial(L.Trainer, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
     ctx = RunContext(device=torch.device("cpu"), seed=0, batch_size=4, act_init_size=4, cache_dtype=torch.float32,
-                     trainer=trainer, fp_model=model)
+                     channels_last=False, reconstruct_stem=True, trainer=trainer, fp_model=model)
     units = m.quantize(qm, torch.randn(4, 3, 32, 32), ctx)
     assert torch.isfinite(qm(torch.randn(2, 3, 32, 32))).all()
     return units

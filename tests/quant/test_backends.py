@@ -38,10 +38,9 @@ from pdq.quant.graph import (
     quant_layer_names,
     quantizer_before,
 )
-from pdq.quant.layout import BitLayout
 from pdq.quant.observers import CosineObserver, LpObserver
 from pdq.quant.quantizers import WeightQuantizer
-from tests.conftest import EVAL, compose_config
+from tests.conftest import EVAL, compose_config, make_layout
 
 GRIDS = [Grid(b) for b in (2, 4, 8)] + [Grid(b, symmetric=True) for b in (4, 8)] + [
     Grid(b, signed=True, symmetric=True, narrow=n) for b in (2, 4, 8) for n in (False, True)]
@@ -49,7 +48,7 @@ GRIDS = [Grid(b) for b in (2, 4, 8)] + [Grid(b, symmetric=True) for b in (4, 8)]
 
 def calibrated(model: nn.Module, backend: str, x: torch.Tensor, w: int = 8, a: int = 8) -> torch.fx.GraphModule:
     gm = quantize_model(model, backend=backend)
-    apply_layout(gm, BitLayout(w, a, backend=backend).resolve(gm))
+    apply_layout(gm, make_layout(w, a, backend=backend).resolve(gm))
     calibrate_weights(gm, MinMaxObserver())
     calibrate_activations(gm, x, MinMaxObserver())
     return gm.eval()
@@ -161,7 +160,7 @@ def test_backend_placement_gives_every_integer_kernel_its_quantizers(name):
     academic = quantize_model(model)
     for backend in ("onnxruntime", "tensorrt"):
         gm = quantize_model(model, backend=backend)
-        apply_layout(gm, BitLayout(8, 8, backend=backend).resolve(gm))
+        apply_layout(gm, make_layout(8, 8, backend=backend).resolve(gm))
         nodes = list(gm.graph.nodes)
         placeholder = nodes[0]
         assert [u for u in placeholder.users if is_act_quant(gm, u)], "the model input is quantized"
@@ -193,7 +192,7 @@ def test_backend_placement_gives_every_integer_kernel_its_quantizers(name):
 
 def test_integer_plan_names_the_layers_below_8_bits():
     gm = quantize_model(build_model("resnet20_fmnist"), backend="onnxruntime")
-    apply_layout(gm, BitLayout(4, 8, backend="onnxruntime").resolve(gm))
+    apply_layout(gm, make_layout(4, 8, backend="onnxruntime").resolve(gm))
     plan = integer_plan(gm)
     assert plan["float"]["layer1.0.conv1"] == "weights at 4 bits"
     assert "conv1" in plan["integer"] and "fc" in plan["integer"]  # the stem and head keep 8-bit weights
@@ -337,7 +336,7 @@ def test_an_old_run_dir_without_a_backend_exports_as_academic(backend_runs, tmp_
     out, _ = backend_runs["onnxruntime"]
     tensors, meta = read_int(out / INT_FILE)
     academic = quantize_model(build_model("resnet20_fmnist"))
-    apply_layout(academic, BitLayout(8, 8).resolve(academic))
+    apply_layout(academic, make_layout(8, 8).resolve(academic))
     calibrate_weights(academic, MinMaxObserver())
     calibrate_activations(academic, torch.randn(8, 1, 28, 28), MinMaxObserver())
     from pdq.export.checkpoint import int_tensors
@@ -364,7 +363,7 @@ def test_pdq_quantize_takes_the_backend(tmp_path):
 
 def test_an_unknown_backend_is_one_error_naming_the_accepted(tmp_path):
     with pytest.raises(PdqError, match=r"quant.backend='tflite' is unknown; accepted: academic, onnxruntime, tensorrt"):
-        BitLayout(8, 8, backend="tflite")
+        make_layout(8, 8, backend="tflite")
     from pdq.pipeline import run
 
     cfg = compose_config("quant.backend=tflite", f"paths.output_dir={tmp_path}")

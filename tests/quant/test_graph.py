@@ -5,9 +5,10 @@ from torch import fx, nn
 
 from pdq.errors import PdqError
 from pdq.models.fmnist import mobilenetv2_fmnist, resnet20_fmnist
-from pdq.quant import BitLayout, act_quant_names, apply_layout, quant_layer_names, quantize_model, set_quant_state
+from pdq.quant import act_quant_names, apply_layout, quant_layer_names, quantize_model, set_quant_state
 from pdq.quant.fold import fold_bn, fold_bn_into
 from pdq.quant.graph import stem_and_head
+from tests.conftest import make_layout
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -81,7 +82,7 @@ def test_inverted_residual_output_quantizer_is_on_the_sum():
 @pytest.mark.parametrize("preset,stem_out", [("pdquant", 2), ("brecq", 8)])
 def test_layout_presets(preset, stem_out):
     qm = quantize_model(resnet20_fmnist())
-    table = BitLayout(w_bits=3, a_bits=2, layout=preset, per_layer={"layer2.0.aq": 4}).resolve(qm)
+    table = make_layout(3, 2, layout=preset, per_layer={"layer2.0.aq": 4}).resolve(qm)
     apply_layout(qm, table)
     assert table["weights"]["conv1"] == 8 and table["weights"]["fc"] == 8
     assert table["weights"]["layer1.0.conv1"] == 3
@@ -94,14 +95,14 @@ def test_layout_presets(preset, stem_out):
 def test_layout_rejects_bad_values():
     qm = quantize_model(resnet20_fmnist())
     with pytest.raises(PdqError, match="quant.layout='foo' is unknown; accepted: pdquant, brecq"):
-        BitLayout(4, 4, layout="foo")
+        make_layout(4, 4, layout="foo")
     with pytest.raises(PdqError, match=r"quant.a_bits=9 .*accepted: an integer 2..8, or 32"):
-        BitLayout(4, 9)
+        make_layout(4, 9)
     with pytest.raises(PdqError, match="names 'nope', which is no quantized layer"):
-        BitLayout(4, 4, per_layer={"nope": 4}).resolve(qm)
+        make_layout(4, 4, per_layer={"nope": 4}).resolve(qm)
     with pytest.raises(PdqError, match="entry 'conv1=4' is not accepted; accepted: '<layer or"):
-        BitLayout(4, 4, per_layer=["conv1=4"])
-    assert BitLayout(4, 4, per_layer=["layer1.0.aq:8", "conv1:3"]).resolve(qm)["acts"]["layer1.0.aq"] == 8
+        make_layout(4, 4, per_layer=["conv1=4"])
+    assert make_layout(4, 4, per_layer=["layer1.0.aq:8", "conv1:3"]).resolve(qm)["acts"]["layer1.0.aq"] == 8
 
 
 def test_untraceable_model_gets_clear_error():

@@ -74,7 +74,7 @@ def test_unfolded_fp_twin_of_every_unit_matches_the_folded_unit(build, shape):
 def pd_module(seg, rest, caches, **settings):
     phase = make_phase("pd_reg", input_prob=1.0, temperature=4.0, **settings)
     return UnitReconstruction(seg, caches, phase, adarounds=[], scales=[], mask_generator=torch.Generator(),
-                              log_prefix="u", step_offset=0, log_every=50, suffix=rest)
+                              log_prefix="u", step_offset=0, suffix=rest)
 
 
 def test_pd_loss_is_zero_for_a_unit_left_in_fp():
@@ -162,7 +162,7 @@ def test_pdquant_with_dc_on_batchnorm1d_and_1x1_maps(make_cfg):
     qm = quantize_model(model)
     cfg = make_cfg("method=pdquant", "method.iters=2", "method.dc.steps=3", "quant=w4a4")
     ctx = RunContext(device=torch.device("cpu"), seed=0, batch_size=8, act_init_size=16, cache_dtype=torch.float32,
-                     trainer=instantiate(cfg.trainer), fp_model=model)
+                     channels_last=False, reconstruct_stem=True, trainer=instantiate(cfg.trainer), fp_model=model)
     calib = torch.randn(16, 1, 8, 8)
     units = instantiate(cfg.method).quantize(qm, calib, ctx)
     corrected = [u for u in units if "dc_loss_before" in u]

@@ -58,12 +58,47 @@ def test_round_loss_is_off_during_warmup():
     caches = Caches(torch.randn(16, 5), None, torch.randn(16, 3))
     phase = make_phase("qdrop", iters=10, input_prob=1.0, round_weight=0.5, warmup=0.2)
     module = UnitReconstruction(unit, caches, phase, adarounds=[ada], scales=[], mask_generator=torch.Generator(),
-                                log_prefix="u", step_offset=0, log_every=50)
+                                log_prefix="u", step_offset=0)
     idx = torch.arange(8)
     assert module.losses(idx)["round_loss"].item() == 0.0  # step 1 (t counts finished steps)
     module.t = 1  # step 2 = warmup * iters: the reference code's counter switches the term on here
     assert module.losses(idx)["round_loss"].item() > 0.0
     assert layer.weight.shape == w.shape
+
+
+@pytest.mark.parametrize("every,logged", [(3, [3, 6, 7]), (0, [7])])
+def test_a_unit_logs_at_the_trainers_cadence_and_its_last_step(make_cfg, every, logged):
+    """The loss terms go to the logger every conf/trainer `log_every_n_steps` steps and at the phase's last."""
+    from lightning.pytorch.loggers import Logger
+
+    from pdq.errors import instantiate
+    from pdq.recon.module import loader
+
+    class Steps(Logger):
+        name, version = "steps", 0
+
+        def __init__(self):
+            super().__init__()
+            self.steps = []
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+        def log_metrics(self, metrics, step=None):
+            if "u/loss" in metrics:
+                self.steps.append(step)
+
+    w = torch.randn(3, 5)
+    ada = AdaRoundQuantizer(calibrated_weight_quantizer(w), w)
+    unit = lambda x: torch.nn.functional.linear(x, ada(w))  # noqa: E731
+    phase = make_phase("qdrop", iters=7, input_prob=1.0, drop_prob=1.0)
+    module = UnitReconstruction(unit, Caches(torch.randn(16, 5), None, torch.randn(16, 3)), phase, adarounds=[ada],
+                                scales=[], mask_generator=torch.Generator(), log_prefix="u", step_offset=0)
+    logger = Steps()
+    trainer = instantiate(make_cfg(f"trainer.log_every_n_steps={every}").trainer)(
+        max_epochs=1, logger=logger, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=loader(16, 8, phase.iters, torch.Generator().manual_seed(0)))
+    assert module.t == 7 and logger.steps == logged
 
 
 def test_qdrop_drops_elementwise_at_rate_p():
@@ -87,7 +122,7 @@ def test_unit_input_mix_is_elementwise():
     caches = Caches(torch.zeros(32, 4, 8, 8), torch.ones(32, 4, 8, 8), torch.zeros(32, 4, 8, 8))
     module = UnitReconstruction(torch.nn.Identity(), caches, make_phase("qdrop", input_prob=0.5), adarounds=[],
                                 scales=[], mask_generator=torch.Generator().manual_seed(1), log_prefix="u",
-                                step_offset=0, log_every=50)
+                                step_offset=0)
     x = module.unit_input(torch.arange(32))
     fp_share = x.mean().item()
     assert abs(fp_share - 0.5) < 0.02
@@ -173,6 +208,7 @@ def test_fp_path_ignores_rounding_written_into_finished_units():
     calibrate_activations(gm, calib, MinMaxObserver())
     engine = ReconstructionEngine(gm, calib, RunContext(device=torch.device("cpu"), seed=0, batch_size=8,
                                                                  act_init_size=16, cache_dtype=torch.float32,
+                                                                 channels_last=False, reconstruct_stem=True,
                                                                  fp_model=model),
                                   LpObserver())
     units = find_units(gm, "block")

@@ -76,6 +76,18 @@ def test_trainer_configs(make_cfg, name):
         assert callable(factory)
 
 
+@pytest.mark.parametrize("name", options("trainer"))
+def test_every_trainer_sets_what_pdq_reads(make_cfg, name):
+    """accelerator, devices, strategy, num_nodes and the log cadence come from conf/trainer, for run.py and for
+    pdq.quantize alike: the code reads them with no default of its own."""
+    from pdq.api import compose as api_compose
+
+    trainer = make_cfg(f"trainer={name}").trainer
+    assert trainer.accelerator in ("cpu", "gpu")
+    assert {"devices", "strategy", "num_nodes", "log_every_n_steps"} <= set(trainer)
+    assert api_compose("pdquant", "w4a4", {"trainer": name})[0].trainer == trainer
+
+
 @pytest.mark.parametrize("name", options("logger"))
 def test_logger_configs(make_cfg, name, tmp_path):
     cfg = make_cfg(f"logger={name}")
@@ -117,7 +129,7 @@ def test_every_phase_fits_with_the_composed_learning_rates_and_steps(make_cfg, n
         ada.alpha = nn.Parameter(torch.zeros(3))
         module = UnitReconstruction(nn.Identity(), None, phase, adarounds=[ada] if phase.learn_rounding else [],
                                     scales=[nn.Parameter(torch.ones(()))] if phase.learns_scales else [],
-                                    mask_generator=torch.Generator(), log_prefix="u", step_offset=0, log_every=1,
+                                    mask_generator=torch.Generator(), log_prefix="u", step_offset=0,
                                     suffix=nn.Identity())
         opts, scheds = module.configure_optimizers()
         lrs = ([cfg.method.round_lr] if phase.learn_rounding else []) + ([cfg.method.scale_lr] if phase.learns_scales
@@ -210,6 +222,93 @@ def test_experiment_configs(make_cfg, name):
     assert cfg.data._target_.endswith("ImageNetDataModule" if name.startswith("paper/") else "FashionMNISTDataModule")
     baseline = make_cfg(f"experiment={name}", "method=qdrop", "seed=3", "data.root=/data/imagenet")
     assert (baseline.method.name, baseline.model.name, baseline.seed) == ("qdrop", model, 3)
+
+
+#: The PD-Quant paper's grid as the official code ran it (shared/spec/algorithms.md §5.3-5.4: the defaults table
+#: and run_script's per-model values; Table 3: six models x W4A4, W2A4, W4A2, W2A2), and the embedded cells
+#: (the Fashion-MNIST reference models at the same settings, 200 steps per unit and 50 DC steps for the CPU).
+#: Written out here, not read from conf/, so that a config refactor that changes a value fails.
+RECIPE = {
+    "seed": 1005, "calib.size": 1024, "calib.batch_size": 32, "calib.act_init_size": 256,
+    "method.name": "pdquant", "method._target_": "pdq.methods.Reconstruction", "method.pattern": "block",
+    "method.learn_rounding": True, "method.learn_act_scale": True, "method.act_quant": True,
+    "method.round_lr": 3e-3, "method.scale_lr": 4e-5, "method.round_optimizer.lr": 3e-3,
+    "method.scale_optimizer.lr": 4e-5, "method.scale_scheduler.eta_min": 0.0,
+    "method.rec_weight": 1.0, "method.rec_p": 2.0, "method.pd_weight": 10.0,  # 1 / lambda_r, lambda_r = 0.1
+    "method.drop_prob": 0.5, "method.input_prob": 0.5, "method.pd_branch_drop": True,
+    "method.warmup": 0.2, "method.b_range": [20.0, 2.0],
+    "method.dc.enabled": True, "method.dc.lr": 1e-3, "method.dc.patience": 100, "method.dc.factor": 0.1,
+    "method.dc.min_lr": 1e-5,
+    "method.weight_observer.p": 2.4, "method.act_observer.p": 2.4,
+    "quant.layout": "pdquant", "quant.backend": "academic", "quant.per_layer": [],
+}
+#: (round-loss weight, temperature T, lambda_c) per family (§5.3 lambda_c, §5.4 run_script)
+FAMILIES = {"resnet": (0.01, 4.0, 0.02), "mobilenet": (0.1, 1.0, 0.005), "regnet": (0.01, 4.0, 0.01),
+            "mnasnet": (0.2, 1.0, 0.001)}
+PAPER_MODELS = {"resnet18_brecq": "resnet", "resnet50_brecq": "resnet", "mobilenetv2_brecq": "mobilenet",
+                "regnetx_600m": "regnet", "regnetx_3200m": "regnet", "mnasnet_x2": "mnasnet"}
+EMBEDDED_MODELS = {"resnet20_fmnist": "resnet", "mobilenetv2_fmnist": "mobilenet"}
+GRID_BITS = {"w4a4": (4, 4), "w2a4": (2, 4), "w4a2": (4, 2), "w2a2": (2, 2)}
+
+
+def expected_cell(group: str, model: str, bits: str) -> dict:
+    """Every value that matters of experiment `group/model_bits`, as dotted keys of the composed config."""
+    family = (PAPER_MODELS if group == "paper" else EMBEDDED_MODELS)[model]
+    round_weight, temperature, lambda_c = FAMILIES[family]
+    iters, dc_steps = (20000, 500) if group == "paper" else (200, 50)
+    data = "pdq.data.ImageNetDataModule" if group == "paper" else "pdq.data.FashionMNISTDataModule"
+    return {**RECIPE, "model.name": model, "data._target_": data,
+            "quant.w_bits": GRID_BITS[bits][0], "quant.a_bits": GRID_BITS[bits][1],
+            "method.iters": iters, "model.ptq.iters": iters, "method.scale_scheduler.T_max": iters,
+            "method.dc.steps": dc_steps, "model.ptq.dc_steps": dc_steps,
+            "method.round_weight": round_weight, "model.ptq.round_weight": round_weight,
+            "method.temperature": temperature, "model.ptq.temperature": temperature,
+            "method.dc.lambda_c": lambda_c, "model.ptq.lambda_c": lambda_c}
+
+
+GRID = {f"{group}/{model}_{bits}": expected_cell(group, model, bits)
+        for group, models in (("paper", PAPER_MODELS), ("embedded", EMBEDDED_MODELS))
+        for model in models for bits in GRID_BITS}
+
+
+def test_the_grid_is_every_experiment_file():
+    assert set(GRID) == set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", sorted(GRID))
+def test_every_experiment_composes_to_the_paper_grid(make_cfg, name):
+    """Each experiment, composed with the real conf/ (its model file and family base, the method, the bit preset
+    and the top-level defaults), has the grid's model, method, bits, calibration sizes, steps, learning rates
+    and loss weights; the method built from it too."""
+    from omegaconf import OmegaConf
+
+    cfg = make_cfg(f"experiment={name}", "data.root=/data/imagenet")
+    expected = GRID[name]
+    composed = {key: OmegaConf.select(cfg, key) for key in expected}
+    assert {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in composed.items()} == expected
+    method = instantiate(cfg.method)
+    (phase,) = method.phases
+    assert (phase.iters, phase.round_weight, phase.temperature, phase.dc.lambda_c, phase.dc.steps) == tuple(
+        expected[f"method.{k}"] for k in ("iters", "round_weight", "temperature", "dc.lambda_c", "dc.steps"))
+    layout = instantiate(cfg.quant, _convert_="all")
+    assert (layout.w_bits, layout.a_bits, layout.stem_w_bits, layout.fc_w_bits, layout.fc_in_bits) == (
+        expected["quant.w_bits"], expected["quant.a_bits"], 8, 8, 8)
+
+
+def test_experiment_and_model_files_carry_only_what_differs():
+    """An experiment file names its cell (model, data, bits): the method and calibration set are conf/config.yaml's.
+    A model file sets no PTQ value: those come from `_base` and its family's base (`_mobilenet`, ...)."""
+    from omegaconf import OmegaConf
+
+    for name in EXPERIMENTS:
+        raw = OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / f"{name}.yaml"))
+        model, bits = name.split("/")[1].rsplit("_", 1)
+        data = "imagenet" if name.startswith("paper/") else "fashion_mnist"
+        assert raw == {"defaults": [{"override /model": model}, {"override /data": data},
+                                    {"override /quant": bits}]}, name
+    for path in (CONF / "model").glob("*.yaml"):
+        if not path.stem.startswith("_"):
+            assert "ptq" not in OmegaConf.load(path), path.name
 
 
 def test_wandb_group_is_the_sweep_dir_in_a_multirun(make_cfg, monkeypatch):

@@ -80,9 +80,9 @@ def test_kill_then_resume_under_ddp_matches_uninterrupted(runs, tmp_path):
 
 def test_bad_ddp_settings_stop_with_one_clear_error(make_cfg, tmp_path):
     with pytest.raises(PdqError, match=r"trainer.devices=2 .*strategy='auto'.*accepted: ddp"):
-        world_size_of({"accelerator": "cpu", "devices": 2, "strategy": "auto"})
+        world_size_of({"accelerator": "cpu", "devices": 2, "strategy": "auto", "num_nodes": 1})
     with pytest.raises(PdqError, match=r"trainer.devices='two' is not accepted"):
-        world_size_of({"accelerator": "cpu", "devices": "two", "strategy": "ddp"})
+        world_size_of({"accelerator": "cpu", "devices": "two", "strategy": "ddp", "num_nodes": 1})
     with pytest.raises(PdqError, match=r"calib.size=63 does not split evenly over 2 processes"):
         run(make_cfg("trainer=ddp_cpu", "calib.size=63", "calib.act_init_size=32"))
     with pytest.raises(PdqError, match=r"calib.batch_size=33 does not split evenly over 2 processes"):

@@ -122,6 +122,19 @@ def test_settings_diff_names_keys_with_both_values(make_cfg):
         [f"trainer: not recorded (saved) vs {json.dumps(saved['trainer'])} (now)"]
 
 
+def test_runs_saved_before_conf_trainer_set_its_process_layout_still_match(make_cfg):
+    """A fingerprint or results.json from before conf/trainer/_base.yaml set strategy, num_nodes and
+    log_every_n_steps ran with Lightning's defaults for them; the log cadence changes no result."""
+    cfg = make_cfg("method=qdrop")
+    saved = fingerprint(cfg)
+    for key in ("strategy", "num_nodes", "log_every_n_steps"):
+        del saved["trainer"][key]
+    assert settings_diff(saved, cfg) == []
+    assert settings_diff(fingerprint(cfg), make_cfg("method=qdrop", "trainer.log_every_n_steps=5")) == []
+    assert "trainer.strategy: auto (saved) vs ddp (now)" in settings_diff(saved, make_cfg("method=qdrop",
+                                                                                           "trainer=ddp_cpu"))
+
+
 def test_resume_of_a_finished_run_dir_does_nothing(make_cfg, no_heavy_work, tmp_path):  # noqa: F811
     cfg = make_cfg(*SHORT, "method=qdrop")
     done = tmp_path / "done"

@@ -235,9 +235,14 @@ def test_run_context_takes_the_config_values():
     from pdq.context import RunContext
 
     with pytest.raises(TypeError):
-        RunContext(device=torch.device("cpu"))  # seed, batch_size, act_init_size, cache_dtype: from the config
-    ctx = RunContext(device=torch.device("cpu"), seed=1, batch_size=4, act_init_size=8, cache_dtype=torch.float16)
-    assert (ctx.batch_size, ctx.act_init_size, ctx.cache_dtype) == (4, 8, torch.float16)
+        RunContext(device=torch.device("cpu"))  # seed, calib.*, the preset's reconstruct_stem: from the config
+    with pytest.raises(TypeError, match="channels_last"):
+        RunContext(device=torch.device("cpu"), seed=1, batch_size=4, act_init_size=8, cache_dtype=torch.float16,
+                   reconstruct_stem=True)
+    ctx = RunContext(device=torch.device("cpu"), seed=1, batch_size=4, act_init_size=8, cache_dtype=torch.float16,
+                     channels_last=True, reconstruct_stem=False)
+    assert (ctx.batch_size, ctx.act_init_size, ctx.cache_dtype, ctx.channels_last, ctx.reconstruct_stem) == \
+        (4, 8, torch.float16, True, False)
 
 
 @pytest.mark.parametrize("overrides,message", [
