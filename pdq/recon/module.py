@@ -62,8 +62,8 @@ class UnitReconstruction(L.LightningModule):
     `pdq.recon.losses` weighted by the phase. `adarounds` / `scales` are what the phase learns on this
     unit; `drop_quantizers` are the unit's activation quantizers (QDrop); `suffix` is the FP rest of the
     network (PD term). The loss terms reach the host (`last`, as Python floats) only on the steps that log
-    them (every `trainer.log_every_n_steps` steps) and on the last step, whose terms are the unit's summary: a float read per
-    term per step would wait for a GPU every step."""
+    them (every `trainer.log_every_n_steps` steps) and on the last step, whose terms are the unit's summary: a
+    float read per term per step would wait for a GPU every step."""
 
     def __init__(self, unit: nn.Module, caches: Caches, phase: Phase, *, adarounds: list[AdaRoundQuantizer],
                  scales: list[nn.Parameter], mask_generator: torch.Generator, log_prefix: str, step_offset: int,
