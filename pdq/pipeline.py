@@ -87,7 +87,7 @@ def execute(cfg: DictConfig, model: torch.nn.Module | None = None,
         check_writable(out_dir)
         check_logger(cfg)
         method = built(cfg.method, Method, "method")
-        exporter = instantiate(cfg.export) if cfg.export else None
+        exporter = instantiate(cfg.export) if cfg.get("export") else None  # `export: null` leaves no key
         datamodule = datamodule if datamodule is not None else built(cfg.data, DataModule, "data")
         datamodule.prepare_data()  # cheap: the files exist, split sizes
         if cfg.calib.size > datamodule.train_size:
