@@ -2,6 +2,7 @@
 runs on them, and a user's own model goes in from the command line or from Python."""
 
 import json
+import os
 import re
 from functools import partial
 
@@ -349,7 +350,9 @@ def test_readme_python_example_runs(tmp_path):
     assert len(code.splitlines()) <= 12 and "iters=200" in code and "dc_steps=50" in code
     script = tmp_path / "example.py"
     script.write_text(code.replace("iters=200", "iters=2").replace("dc_steps=50", "dc_steps=2"))
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's pdq, installed or not
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     fp, quant = map(float, re.findall(r"([0-9.]+)%", proc.stdout))
     assert fp > 90 and 10 < quant <= 100 and (tmp_path / "resnet20_w4a4.pt").is_file()

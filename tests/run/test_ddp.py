@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
+from omegaconf import OmegaConf
 
 from pdq.distributed import SINGLE, Dist, world_size_of
 from pdq.errors import PdqError
@@ -131,8 +132,9 @@ def test_a_rank_that_fails_before_joining_ends_the_run_at_once(tmp_path):
 #: a rank 1 that joins rank 0's group, then dies with exit code 3
 FAILING_RANK = """
 import os, time
+from omegaconf import OmegaConf
 from pdq.launch import session
-with session({"accelerator": "cpu", "devices": 2, "strategy": "ddp"}, None):
+with session(OmegaConf.create({"accelerator": "cpu", "devices": 2, "strategy": "ddp", "num_nodes": 1}), None):
     time.sleep(1)
     os._exit(3)
 """
@@ -152,7 +154,8 @@ def test_a_failed_rank_interrupts_rank_zero_outside_any_collective(monkeypatch, 
     env, threads, handler = dict(os.environ), torch.get_num_threads(), signal.getsignal(launch.INTERRUPT)
     t0 = time.monotonic()
     with pytest.raises(PdqError, match=r"^rank 1 exited with code 3; the run was stopped on every rank"):
-        with launch.session({"accelerator": "cpu", "devices": 2, "strategy": "ddp"}, tmp_path) as dist:
+        trainer = OmegaConf.create({"accelerator": "cpu", "devices": 2, "strategy": "ddp", "num_nodes": 1})
+        with launch.session(trainer, tmp_path) as dist:
             assert dist.world_size == 2 and dist.rank == 0
             time.sleep(120)
     assert time.monotonic() - t0 < 60
