@@ -20,6 +20,13 @@ EVAL = 256  # Fashion-MNIST test images per parity check
 HEAVY = {"run", "execute", "quantize", "run_cli", "kill_after_unit", "subprocess", "runs", "spawn"}
 
 
+def _names(code) -> set[str]:
+    """The global names a code object and the code nested in it (comprehensions, lambdas) use."""
+    import inspect
+
+    return set(code.co_names).union(*(_names(c) for c in code.co_consts if inspect.iscode(c)))
+
+
 def _uses(fn, names: set[str], seen: set | None = None) -> bool:
     """Whether `fn`, or a function of the tests that it calls by name, uses one of `names`."""
     import inspect
@@ -29,11 +36,11 @@ def _uses(fn, names: set[str], seen: set | None = None) -> bool:
     if code is None or code in seen:
         return False
     seen.add(code)
-    used = set(code.co_names) | {c.co_name for c in code.co_consts if inspect.iscode(c)}
+    used = _names(code)
     if used & names:
         return True
     module = sys.modules.get(fn.__module__)
-    return any(_uses(getattr(module, n), names, seen) for n in code.co_names
+    return any(_uses(getattr(module, n), names, seen) for n in used
                if inspect.isfunction(getattr(module, n, None)) and getattr(module, n).__module__.startswith("tests"))
 
 

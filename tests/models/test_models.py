@@ -14,6 +14,7 @@ from pdq.models.registry import CHECKPOINT_DIR, load_state_dict
 TARGETS = {"resnet20_fmnist": 92.0, "mobilenetv2_fmnist": 91.0}
 
 
+@pytest.mark.heavy  # an accuracy bar on the full test split
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_bundled_checkpoint_reaches_target_on_real_test_split(name):
     model = build_model(name)

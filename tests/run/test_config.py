@@ -367,6 +367,7 @@ def sweep_jobs(name: str) -> tuple[object, list[list[str]]]:
 PAPER_CELLS = {"W4A4", "W2A4", "W4A2", "W2A2"}
 
 
+@pytest.mark.heavy  # composes every job of each named sweep (480 for table3)
 @pytest.mark.parametrize("name,jobs,models,methods,bits,seeds,iters,calib", [
     ("embedded", 120, {"resnet20_fmnist", "mobilenetv2_fmnist"}, {"rtn_mse", "adaround", "brecq", "qdrop", "pdquant"},
      PAPER_CELLS, {1, 2, 3}, 100, 256),
