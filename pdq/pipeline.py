@@ -133,8 +133,9 @@ def run_ranks(run: Run) -> tuple[dict, torch.nn.Module]:
                          reconstruct_stem=run.layout.reconstruct_stem, fingerprint=fingerprint(cfg), fp_model=model,
                          dist=dist, cache_dir=cfg.paths.cache_dir)
         layout, record = run.layout.prepare(qmodel, calib, ctx)  # quant=mixed: the allocation
-        table = layout.resolve(qmodel)
-        apply_layout(qmodel, table)
+        if layout is not run.layout:
+            table = layout.resolve(qmodel)
+            apply_layout(qmodel, table)
         if dist.main:
             write_files(run.out_dir, record["files"])
         results = {**quantize_and_evaluate(run, layout, table, model, qmodel, calib, ctx), **record["results"]}

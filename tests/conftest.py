@@ -1,4 +1,5 @@
 import functools
+import inspect
 import os
 import signal
 import subprocess
@@ -22,15 +23,11 @@ HEAVY = {"run", "execute", "quantize", "run_cli", "kill_after_unit", "subprocess
 
 def _names(code) -> set[str]:
     """The global names a code object and the code nested in it (comprehensions, lambdas) use."""
-    import inspect
-
     return set(code.co_names).union(*(_names(c) for c in code.co_consts if inspect.iscode(c)))
 
 
 def _uses(fn, names: set[str], seen: set | None = None) -> bool:
     """Whether `fn`, or a function of the tests that it calls by name, uses one of `names`."""
-    import inspect
-
     seen = set() if seen is None else seen
     code = getattr(fn, "__code__", None)
     if code is None or code in seen:

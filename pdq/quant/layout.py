@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
 from torch import fx
 
 from pdq.errors import PdqError
@@ -24,6 +23,8 @@ from pdq.quant.label import bit_setting
 from pdq.quant.quantizers import check_bits
 
 if TYPE_CHECKING:
+    import torch
+
     from pdq.context import RunContext
 
 PRESETS: dict[str, dict] = {
