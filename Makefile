@@ -4,7 +4,7 @@ PYTHON ?= python3
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 export WANDB_MODE ?= offline
 
-.PHONY: run test test-fast deps data lint gpu-carry
+.PHONY: run test test-fast wheel-test deps data lint gpu-carry
 
 run: deps data
 	$(PYTHON) run.py $(ARGS)
@@ -16,11 +16,17 @@ test: deps data
 test-fast: deps data
 	$(PYTHON) -m pytest -m "not slow and not heavy" $(PYTEST_ARGS)
 
-# pip dependencies (torch/torchvision at matching PyPI versions, lightning, hydra, wandb, pytest, onnx and
-# onnxruntime of the export extra ...) and pdq itself in editable mode, unless this checkout's pdq is already
-# importable with them.
+# pip dependencies at the exact versions of constraints.txt (torch/torchvision as a matched pair of PyPI wheels,
+# lightning, hydra, wandb, scipy, pytest, the export and launchers extras ...) and pdq itself in editable mode,
+# unless scripts/check_env.py finds them all installed already.
 deps:
-	@$(PYTHON) scripts/check_env.py || $(PYTHON) -m pip install -e ".[dev]"
+	@$(PYTHON) scripts/check_env.py || $(PYTHON) -m pip install -c constraints.txt -e ".[dev]"
+
+# the wheel as a user gets it: built, installed with --no-deps into a fresh virtual environment that sees this
+# machine's packages, and run from a folder outside the checkout (`pdq --help`, a `pdq` run, `pdq.load`, the
+# README's Python example); tests/run/test_wheel.py, marked slow
+wheel-test: deps data
+	$(PYTHON) -m pytest -m slow tests/run/test_wheel.py $(PYTEST_ARGS)
 
 # the real Fashion-MNIST IDX files from Debian's package, when apt is usable and they are missing
 data:

@@ -1,29 +1,7 @@
-"""pdq's one entry point: `python run.py [hydra overrides]` (see conf/config.yaml and the README)."""
+"""`python run.py [overrides]` in a checkout: the `pdq` command (pdq.cli), for those who run pdq from its
+repository without installing it."""
 
-import logging
-import sys
-
-import hydra
-from omegaconf import DictConfig
-
-log = logging.getLogger("pdq")
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float:
-    from pdq.errors import PdqError
-    from pdq.host_memory import keep_freed_memory
-    from pdq.pipeline import run
-
-    if cfg.get("keep_freed_memory") is True:
-        log.info("host memory: freed memory kept for reuse (keep_freed_memory=true): %s", keep_freed_memory())
-    try:
-        return run(cfg)["quant_top1"]
-    except PdqError as e:
-        log.error("%s", e)
-        print(f"pdq: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
+from pdq.cli import main
 
 if __name__ == "__main__":
     main()

@@ -101,18 +101,15 @@ def floor_ms(cfg, qmodel, reps: int = 20) -> list[float]:
 def one(args: argparse.Namespace) -> None:
     """Child process: run one method and print its measurements as JSON."""
     import torch
-    from hydra import compose, initialize_config_dir
 
+    from pdq.config import compose
     from pdq.host_memory import keep_freed_memory
     from pdq.pipeline import execute
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"paths.output_dir={args.workdir}", f"model={args.model}",
-                                           f"method={args.one}", f"quant={args.quant}", f"seed={args.seed}",
-                                           f"calib.size={args.calib_size}", "logger=none",
-                                           f"paths.cache_dir={args.cache_dir}",
-                                           *([f"method.iters={args.iters}"] if args.iters else []),
-                                           *args.overrides])
+    cfg = compose([f"paths.output_dir={args.workdir}", f"model={args.model}", f"method={args.one}",
+                   f"quant={args.quant}", f"seed={args.seed}", f"calib.size={args.calib_size}", "logger=none",
+                   f"paths.cache_dir={args.cache_dir}", *([f"method.iters={args.iters}"] if args.iters else []),
+                   *args.overrides])
     if cfg.keep_freed_memory:  # as `python run.py` does
         keep_freed_memory()
     res, qmodel = execute(cfg)

@@ -4,7 +4,7 @@
 
 * allocation: `pdq.mixed.allocate` on random sensitivities of 100 layers x 4 widths, each budget kind (median
   of 5 after one warm-up call);
-* sensitivity: `pdq-sensitivity` for each model (default settings: 1,024 calibration images, widths 2/3/4/8);
+* sensitivity: `pdq sensitivity` for each model (default settings: 1,024 calibration images, widths 2/3/4/8);
 * additivity: for each model and average-bit budget, the summed per-layer sensitivities of the allocation
   against the PD loss measured with all its layers quantized at once (weights only, as the sensitivity is
   measured), their Spearman rank correlation, and a scatter plot (`<out>.png`).
@@ -68,12 +68,10 @@ def additivity(model: str, run_dir: Path) -> list[dict]:
     dm.setup()
     settings = table["settings"]
     images = dm.calibration_set(settings["calib_size"], settings["seed"])
-    from hydra import compose, initialize_config_dir
-
+    from pdq.config import compose
     from pdq.errors import instantiate
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        observer = instantiate(compose("config", overrides=["quant=mixed"]).quant.weight_observer)
+    observer = instantiate(compose(["quant=mixed"]).quant.weight_observer)
     gm = quantize_model(build_model(model)).eval()
     costs = {n: LayerCost(gm.get_submodule(n).weight.numel(), 0, 8) for n in [*sens, *table["fixed"]]}
     g = copy.deepcopy(gm)

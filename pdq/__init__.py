@@ -3,7 +3,7 @@
 `pdq.quantize(model, images, method=..., bits=..., **overrides)` is the Python entry point (`pdq.api`);
 `pdq.load(run_dir_or_file, device=...)` gives a finished run's quantized model back (`pdq.export`)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["load", "quantize"]
 
 

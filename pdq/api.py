@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader, Dataset
 from pdq.data.tensor import TensorDataModule
 from pdq.errors import PdqError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 #: config groups an override may select by name (`trainer="gpu"`, `export="onnx"`)
 GROUPS = ("trainer", "logger", "export")
 #: where a plain override name is looked up, in order (`iters` -> method.iters, `size` -> calib.size)
@@ -75,25 +74,15 @@ def resolve_key(cfg: DictConfig, key: str) -> str:
 
 def compose(method: str, bits: str, overrides: dict) -> tuple[DictConfig, set[str]]:
     """The composed config of `run.py` for `method` and `bits` with `overrides`, and the keys they set."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
-    if not CONF_DIR.is_dir():
-        raise PdqError(f"pdq.quantize composes pdq's conf/ folder, which is not at {CONF_DIR}; accepted: pdq "
-                       f"installed from its checkout (pip install -e .)")
+    from pdq.config import compose as compose_config
+
     groups = [f"{key}={overrides[key]}" for key in GROUPS if key in overrides]
-    if GlobalHydra.instance().is_initialized():
-        raise PdqError("pdq.quantize composes its own config and cannot run inside a Hydra app; accepted: "
-                       "pdq.pipeline.run(cfg) from a Hydra main")
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = hydra_compose("config", overrides=[f"method={method}", f"quant={bits}", "model=custom", *groups])
+        cfg = compose_config([f"method={method}", f"quant={bits}", "model=custom", *groups])
     except HydraException as e:
         raise PdqError(f"quantize(method={method!r}, bits={bits!r}, ...): {str(e).splitlines()[0]}") from None
-    finally:
-        GlobalHydra.instance().clear()
     keys = set()
     for key, value in overrides.items():
         if key in GROUPS:

@@ -1,13 +1,64 @@
-"""The OmegaConf resolvers conf/ uses, registered only while a run resolves its config (`resolvers()`),
-so that importing pdq leaves OmegaConf as it was."""
+"""Where pdq's Hydra configs are and how they are composed, and the OmegaConf resolvers conf/ uses.
+
+The YAML lives in the repository's top-level `conf/`; a wheel carries it as the package `pdq.conf`
+(setup.py maps the one to the other). `config_dir()` finds it either way, and `compose()` is the one way
+pdq's Python entry points (`pdq.quantize`, `pdq sensitivity`), the `pdq` command (`pdq.cli`) and the tests
+compose it, so that a checkout and an installed wheel compose the same config. The resolvers are registered
+only while a run resolves its config (`resolvers()`), so that importing pdq leaves OmegaConf as it was."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+
+from pdq.errors import PdqError
+
+CONFIG_PACKAGE = "pdq.conf"
+CONFIG_NAME = "config"
+
+
+def config_dir() -> Path:
+    """pdq's config folder: the `conf/` beside this pdq when it runs from a checkout (an editable install
+    included), else the installed package `pdq.conf`."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "setup.py").is_file() and (root / "conf" / f"{CONFIG_NAME}.yaml").is_file():
+        return root / "conf"
+    try:
+        installed = Path(str(importlib.resources.files(CONFIG_PACKAGE)))
+    except ModuleNotFoundError:
+        installed = None
+    if installed is None or not (installed / f"{CONFIG_NAME}.yaml").is_file():
+        raise PdqError(f"pdq's configs are neither in {root / 'conf'} (a checkout) nor in the package "
+                       f"{CONFIG_PACKAGE} (an installed wheel); accepted: pdq installed from its wheel or checkout")
+    return installed
+
+
+@contextlib.contextmanager
+def hydra_initialized() -> Iterator[None]:
+    """Hydra initialised with pdq's config folder inside the block, where `hydra.compose` works. Not inside a
+    running Hydra app: Hydra is initialised once per process."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        raise PdqError("pdq composes its own config and cannot do so inside a running Hydra app; accepted: "
+                       "pdq.pipeline.run(cfg) from a Hydra main")
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        yield
+
+
+def compose(overrides: Iterable[str] = (), return_hydra_config: bool = False) -> DictConfig:
+    """pdq's config (`conf/config.yaml`) composed with `overrides`, as the `pdq` command composes it; raises
+    Hydra's errors for unknown groups or keys."""
+    from hydra import compose as hydra_compose
+
+    with hydra_initialized():
+        return hydra_compose(CONFIG_NAME, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 def sweep_group(default: str) -> str:

@@ -1,27 +1,32 @@
-"""Exit 0 when this checkout's pdq and every dependency (with the dev and export extras) are installed at the pinned
-versions."""
+"""Exit 0 when this checkout's pdq is installed (editable, with its current console scripts) and every package in
+constraints.txt is installed at its exact version; `make deps` installs otherwise."""
 
 import configparser
 import re
 import sys
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError, distribution, version
 from pathlib import Path
 
 root = Path(__file__).resolve().parent.parent
 cfg = configparser.ConfigParser()
 cfg.read(root / "setup.cfg")
-extras = cfg["options.extras_require"]
-reqs = cfg["options"]["install_requires"].split() + extras["dev"].split() + extras["export"].split()
+scripts = {line.split("=")[0].strip() for line in cfg["options.entry_points"]["console_scripts"].split("\n") if line}
+pins = [line.split("==") for line in (root / "constraints.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")]
 try:
-    for req in reqs:
-        name, pin = re.match(r"([A-Za-z0-9_.-]+)(?:==([^,;]+))?", req).groups()
-        if name == "pdq":  # dev's `pdq[export]`: the export extra, checked with the others
-            continue
+    for name, pin in pins:
         installed = version(name)
-        if pin and installed.split("+")[0] != pin:
-            sys.exit(f"{name} {installed} installed, {pin} required")
+        if installed.split("+")[0] != pin:
+            sys.exit(f"{name} {installed} installed, {pin} required (constraints.txt)")
+    pdq_dist = distribution("pdq")
+    sys.path.insert(0, str(root))  # the checkout's pdq, as `python run.py` and pytest import it
     import pdq
-except (PackageNotFoundError, ImportError) as e:
+except PackageNotFoundError as e:
     sys.exit(f"missing: {e}")
-if Path(pdq.__file__).resolve().parent != root / "pdq":
-    sys.exit(f"pdq is installed from {Path(pdq.__file__).parent}, not this checkout")
+if pdq_dist.version != pdq.__version__:
+    sys.exit(f"pdq {pdq_dist.version} is installed, this checkout is {pdq.__version__}")
+installed_scripts = {ep.name for ep in pdq_dist.entry_points if ep.group == "console_scripts"}
+if installed_scripts != scripts:
+    sys.exit(f"pdq is installed with the commands {sorted(installed_scripts)}, setup.cfg has {sorted(scripts)}")
+if not re.search(re.escape(str(root)), (pdq_dist.read_text("direct_url.json") or "")):
+    sys.exit(f"pdq is not installed from this checkout ({root})")

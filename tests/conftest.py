@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from pdq.config import compose, config_dir
+
 ROOT = Path(__file__).resolve().parent.parent
-CONF = ROOT / "conf"
+CONF = config_dir()  # the checkout's conf/, composed as the `pdq` command composes it
 os.environ.setdefault("WANDB_MODE", "offline")
 EVAL = 256  # Fashion-MNIST test images per parity check
 
@@ -70,17 +71,14 @@ def make_cfg(tmp_path):
     """Compose the real config (conf/config.yaml) with overrides; outputs go to tmp_path."""
     def _make(*overrides: str):
         GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose("config", overrides=[f"paths.output_dir={tmp_path}",
-                                                 f"paths.cache_dir={tmp_path}/cache", *overrides])
+        return compose([f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache", *overrides])
     return _make
 
 
 def compose_config(*overrides: str):
     """The real composed config (conf/config.yaml) with `overrides`, outside any test's tmp dir."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose(overrides)
 
 
 @functools.cache

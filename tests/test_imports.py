@@ -108,3 +108,38 @@ def test_no_module_imports_another_modules_private_names():
 
 def test_the_report_loads_without_torch():
     assert _python("import sys, pdq.report.cli; print('torch' in sys.modules)") == "False"
+
+
+def test_every_third_party_import_is_declared_and_every_requirement_is_imported():
+    """Each distribution whose module pdq imports (anywhere, also inside functions) is a requirement of
+    setup.cfg (install_requires or an extra), and each install_requires entry is imported by pdq."""
+    import ast
+    import configparser
+    import re
+    from importlib.metadata import packages_distributions
+
+    def names(spec: str) -> set[str]:
+        return {re.match(r"[A-Za-z0-9_.-]+", line).group().lower().replace("_", "-")
+                for line in spec.split("\n") if line.strip() and not line.strip().startswith("pdq[")}
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    required = names(cfg["options"]["install_requires"])
+    extras = set().union(*(names(spec) for spec in cfg["options.extras_require"].values()))
+    modules = set()
+    for path in [*(ROOT / "pdq").rglob("*.py"), ROOT / "run.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules.add(node.module.split(".")[0])
+    third_party = modules - set(sys.stdlib_module_names) - {"pdq"}
+    dists = packages_distributions()
+    imported = {}
+    for module in sorted(third_party):
+        assert module in dists, f"pdq imports {module}, which no installed distribution provides"
+        imported[module] = {d.lower().replace("_", "-") for d in dists[module]}
+    undeclared = {m: d for m, d in imported.items() if not d & (required | extras)}
+    assert not undeclared, f"imported but not declared in setup.cfg: {undeclared}"
+    unused = required - set().union(*imported.values())
+    assert not unused, f"install_requires entries pdq never imports: {sorted(unused)}"

@@ -244,7 +244,7 @@ def test_bad_opsets_are_rejected_with_the_accepted_range(runs, tmp_path, capsys)
         with pytest.raises(PdqError, match=r"opset=.* is not accepted; accepted: 13\.\.25"):
             export_onnx(run_dir, out=tmp_path / "m.onnx", opset=opset)
     assert export_main([str(run_dir), "--format", "onnx", "--opset", "12"]) == 2
-    assert "pdq-export: error: opset=12 is not accepted" in capsys.readouterr().err
+    assert "pdq export: error: opset=12 is not accepted" in capsys.readouterr().err
     cfg = compose_config("export=onnx", "export.opset=9", f"paths.output_dir={tmp_path}/run")
     with pytest.raises(PdqError, match="opset=9 is not accepted"):
         run(cfg)

@@ -3,11 +3,12 @@
 
 import lightning as L
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
 from torch import nn
 
-from pdq.config import resolvers
+from pdq.config import compose as compose_pdq
+from pdq.config import hydra_initialized, resolvers
 from pdq.errors import PdqError, instantiate
 from pdq.loggers import close_logger
 from pdq.mixed import MixedLayout
@@ -331,17 +332,15 @@ def test_wandb_group_is_the_sweep_dir_in_a_multirun(make_cfg, monkeypatch):
 @pytest.mark.parametrize("name,target", [("joblib", "JoblibLauncher"), ("slurm", "SlurmLauncher")])
 def test_launcher_configs(name, target):
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"launcher={name}"], return_hydra_config=True)
+    cfg = compose_pdq([f"launcher={name}"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith(target)
 
 
 def test_multi_node_slurm_launcher_follows_the_trainer():
     """launcher=slurm_ddp asks SLURM for trainer.num_nodes nodes with one task and one GPU per device."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["launcher=slurm_ddp", "trainer=ddp", "trainer.devices=8",
-                                           "trainer.num_nodes=2"], return_hydra_config=True)
+    cfg = compose_pdq(["launcher=slurm_ddp", "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=2"],
+                      return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
@@ -355,7 +354,7 @@ def sweep_jobs(name: str) -> tuple[object, list[list[str]]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with hydra_initialized():
         cfg = compose("config", overrides=[f"sweep={name}"], return_hydra_config=True)
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
         params = parser.parse_overrides([f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()])

@@ -1,0 +1,1 @@
+"""pdq's Hydra configs; installed as the package `pdq.conf` (see setup.py and pdq.config)."""
