@@ -46,5 +46,5 @@ lint: deps
 # what benchmarks/gpu_check.sh needs on a GPU machine without a package index: the wheels of the config
 # packages and the Fashion-MNIST files, in outputs/gpu (git-ignored; carry it with the working tree)
 gpu-carry: data
-	$(PYTHON) -m pip wheel -q --no-deps -w outputs/gpu/wheels hydra-core==1.3.* omegaconf==2.3.* antlr4-python3-runtime==4.9.3
+	$(PYTHON) -m pip wheel -q --no-deps -c constraints.txt -w outputs/gpu/wheels hydra-core omegaconf antlr4-python3-runtime==4.9.3
 	mkdir -p outputs/gpu/fashion-mnist && cp $(FMNIST_DIR)/*.gz outputs/gpu/fashion-mnist/

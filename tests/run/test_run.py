@@ -2,10 +2,13 @@
 every bad value of the contract's error list stops the run with one clear message and a non-zero exit."""
 
 import json
+import logging
 
 import pytest
 import torch
+from hydra.errors import HydraException
 
+from pdq.errors import PdqError
 from pdq.pipeline import run
 from tests.conftest import glibc, run_cli
 
@@ -132,15 +135,26 @@ BAD_VALUES = [
 
 
 @pytest.mark.parametrize("overrides,message,accepted", BAD_VALUES, ids=[" ".join(b[0]) for b in BAD_VALUES])
-def test_bad_values_fail_fast_with_clear_message(overrides, message, accepted, corrupt_ckpt, tmp_path):
+def test_bad_values_fail_fast_with_clear_message(overrides, message, accepted, corrupt_ckpt, make_cfg, tmp_path,
+                                                 caplog):
     args = [o.format(corrupt=corrupt_ckpt) for o in overrides]
-    proc = run_cli(*args, f"hydra.run.dir={tmp_path}", timeout=120)
+    with pytest.raises((PdqError, HydraException)) as error, caplog.at_level(logging.INFO, logger="pdq"):
+        run(make_cfg(*args))
+    assert message in str(error.value) and accepted in str(error.value)
+    assert not (tmp_path / "results.json").exists()
+    assert "FP top-1" not in caplog.text  # stopped before any evaluation
+
+
+@pytest.mark.parametrize("overrides", [["model=nope"], ["quant.w_bits=9"]])
+def test_a_bad_value_on_the_command_line_ends_with_its_message_and_no_traceback(overrides, tmp_path):
+    """The command line's side of the cases above: Hydra's own error for an unknown option, pdq's for a value."""
+    message, accepted = next((m, a) for o, m, a in BAD_VALUES if o == overrides)
+    proc = run_cli(*overrides, f"hydra.run.dir={tmp_path}", timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert message in out and accepted in out, out[-3000:]
-    assert "Traceback" not in out
+    assert "Traceback" not in out and "FP top-1" not in out
     assert not (tmp_path / "results.json").exists()
-    assert "FP top-1" not in out  # stopped before any evaluation
 
 
 def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):

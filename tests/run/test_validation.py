@@ -6,6 +6,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import struct
 
 import numpy as np
@@ -245,12 +246,19 @@ def test_run_context_takes_the_config_values():
         (4, 8, torch.float16, True, False)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["data.eval_subset=-5"], "data.eval_subset=-5 is not accepted"),
-    (["seed=-1"], "seed=-1 is not accepted"),
-    (["keep_freed_memory=maybe"], "keep_freed_memory='maybe' is not accepted"),
-    (["data=imagenet"], "data.root is not set"),
-])
+CLI_ERRORS = [(["data.eval_subset=-5"], "data.eval_subset=-5 is not accepted"),
+              (["seed=-1"], "seed=-1 is not accepted"),
+              (["keep_freed_memory=maybe"], "keep_freed_memory='maybe' is not accepted"),
+              (["data=imagenet"], "data.root is not set")]
+
+
+@pytest.mark.parametrize("overrides,message", CLI_ERRORS)
+def test_the_checks_of_the_command_lines_values(make_cfg, overrides, message):
+    with pytest.raises(PdqError, match=re.escape(message) + ".*accepted"):
+        run(make_cfg(*overrides))
+
+
+@pytest.mark.parametrize("overrides,message", CLI_ERRORS[1::2])
 def test_cli_one_clear_line_and_exit_2(tmp_path, overrides, message):
     proc = run_cli(*overrides, f"hydra.run.dir={tmp_path}", timeout=300)
     out = proc.stdout + proc.stderr
