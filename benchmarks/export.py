@@ -6,7 +6,7 @@
 Parity: for each model x bits x method family (round to nearest: rtn_mse; AdaRound/BRECQ/QDrop: qdrop; PD-Quant:
 pdquant), one short run (calibration `--calib` images, `--iters` steps per unit; these are export checks, not
 the paper's settings), into `<out dir>/runs/<model>_<method>_<bits>` (a finished run is reused). Then
-`pdq-export` at the default opset, and on the whole evaluation split: pdq's top-1 (results.json), the top-1 of
+`pdq export` at the default opset, and on the whole evaluation split: pdq's top-1 (results.json), the top-1 of
 `pdq.load`'s model, onnxruntime's top-1 with its QDQ transformers off (pdq's arithmetic) and, at W8A8, with its
 defaults (integer kernels), the largest logit difference (also in head steps: s_in * max_j sum_i |W_ji| of the
 classifier), the export time and the sizes of the float state dict, the integer checkpoint and the ONNX file.

@@ -4,7 +4,7 @@
 
 * allocation: `pdq.mixed.allocate` on random sensitivities of 100 layers x 4 widths, each budget kind (median
   of 5 after one warm-up call);
-* sensitivity: `pdq-sensitivity` for each model (default settings: 1,024 calibration images, widths 2/3/4/8);
+* sensitivity: `pdq sensitivity` for each model (default settings: 1,024 calibration images, widths 2/3/4/8);
 * additivity: for each model and average-bit budget, the summed per-layer sensitivities of the allocation
   against the PD loss measured with all its layers quantized at once (weights only, as the sensitivity is
   measured), their Spearman rank correlation, and a scatter plot (`<out>.png`).

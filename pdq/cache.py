@@ -1,5 +1,5 @@
 """Content-addressed results under `paths.cache_dir`: one key function, one load/validate/save path, and the
-`pdq-cache list|prune` command.
+`pdq cache list|prune` command.
 
 A namespace holds one kind of result (`NAMESPACES`: the FP top-1, Distribution Correction's corrected inputs,
 quant=mixed's sensitivity table). An entry is `<cache_dir>/<namespace>/<key>.<json|pt>` (the value) and
@@ -11,7 +11,7 @@ device type. Fields are plain values: `describe` turns tensors, modules, datacla
 Writes are atomic (`pdq.io`): the value first, then the metadata, which makes the entry. Reading one that does
 not load or does not match (metadata, value, the caller's `check`) is a miss with one warning line; the caller
 recomputes and overwrites it. Files of older layouts are never read (their names are not keys), so they miss;
-`pdq-cache list` shows them and `pdq-cache prune` removes them."""
+`pdq cache list` shows them and `pdq cache prune` removes them."""
 
 from __future__ import annotations
 
@@ -265,7 +265,7 @@ def select(args: argparse.Namespace) -> list[Stored]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="pdq-cache", description="List or prune pdq's result cache (paths.cache_dir).")
+    ap = argparse.ArgumentParser(prog="pdq cache", description="List or prune pdq's result cache (paths.cache_dir).")
     ap.add_argument("command", choices=["list", "prune"],
                     help="list: one line per entry and a total; prune: delete the entries the options select")
     ap.add_argument("--older-than", metavar="DURATION", help="only entries older than this: 7d, 12h, 30m, 2w")
@@ -274,11 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.command == "prune" and args.older_than is None and args.namespace is None:
-            raise PdqError("pdq-cache prune removes nothing without a selection; accepted: --older-than DURATION "
+            raise PdqError("pdq cache prune removes nothing without a selection; accepted: --older-than DURATION "
                            "and/or --namespace NS")
         chosen = select(args)
     except PdqError as e:
-        print(f"pdq-cache: error: {e}", file=sys.stderr)
+        print(f"pdq cache: error: {e}", file=sys.stderr)
         return 2
     now = time.time()
     for s in chosen:

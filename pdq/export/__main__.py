@@ -1,4 +1,4 @@
-"""`python -m pdq.export ...`: the same as `pdq-export ...`."""
+"""`python -m pdq.export ...`: the same as `pdq export ...`."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""ONNX QDQ export of a finished run (`pdq-export RUN_DIR --format onnx [--opset N]`, `export=onnx`): build and write.
+"""ONNX QDQ export of a finished run (`pdq export RUN_DIR --format onnx [--opset N]`, `export=onnx`): build and write.
 
 1. `pdq.load` rebuilds the run's quantized graph from its integer checkpoint (with its backend's quantizers).
 2. `torch.onnx.export` (the dynamo exporter) exports the deploy copy (`deploy_copy`), in which each weight is its

@@ -1,4 +1,4 @@
-"""`python -m pdq.mixed ...`: the same as `pdq-sensitivity ...`."""
+"""`python -m pdq.mixed ...`: the same as `pdq sensitivity ...`."""
 
 import sys
 

@@ -1,5 +1,5 @@
-"""`pdq-sensitivity [overrides ...] [--out DIR]`: the per-layer sensitivity table on its own (and, with a
-`quant.budget.*`, the allocation), from the same config as `run.py quant=mixed`."""
+"""`pdq sensitivity [overrides ...] [--out DIR]`: the per-layer sensitivity table on its own (and, with a
+`quant.budget.*`, the allocation), from the same config as `pdq quant=mixed`."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def sensitivity_run(overrides: list[str], out: Path | None) -> Path:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("config", overrides=["quant=mixed", "paths.output_dir=.", *overrides])
     except HydraException as e:
-        raise PdqError(f"pdq-sensitivity {' '.join(overrides)}: {str(e).splitlines()[0]}") from None
+        raise PdqError(f"pdq sensitivity {' '.join(overrides)}: {str(e).splitlines()[0]}") from None
     with resolvers():
         layout = validate(cfg)
         out = out or Path("outputs") / "sensitivity" / f"{cfg.model.name}_s{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
@@ -57,8 +57,8 @@ def sensitivity_run(overrides: list[str], out: Path | None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="pdq-sensitivity", description="Per-layer PD sensitivity (and allocation).")
-    ap.add_argument("overrides", nargs="*", help="config overrides as for run.py: model=..., calib.size=..., "
+    ap = argparse.ArgumentParser(prog="pdq sensitivity", description="Per-layer PD sensitivity (and allocation).")
+    ap.add_argument("overrides", nargs="*", help="config overrides as for pdq: model=..., calib.size=..., "
                                                  "quant.candidates=[2,4,8], quant.budget.avg_w_bits=3")
     ap.add_argument("--out", type=Path, help="output dir (default: outputs/sensitivity/<model>_s<seed>_<time>)")
     args = ap.parse_args(argv)
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = sensitivity_run(args.overrides, args.out)
     except PdqError as e:
-        print(f"pdq-sensitivity: error: {e}", file=sys.stderr)
+        print(f"pdq sensitivity: error: {e}", file=sys.stderr)
         return 2
     print(f"{out} ({time.time() - t0:.1f} s)")
     return 0

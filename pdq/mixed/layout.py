@@ -79,7 +79,7 @@ class MixedLayout(BitLayout):
         return bit_setting(self.w_bits, self.a_bits, {self.budget_key: self.budget_value} if self.budget_key else {})
 
     def check_run(self) -> None:
-        """A run allocates, so it needs a budget (`pdq-sensitivity` may measure without one)."""
+        """A run allocates, so it needs a budget (`pdq sensitivity` may measure without one)."""
         if self.budget_key is None:
             accepted = ", ".join(f"quant.budget.{key}=" for key in BUDGETS)
             raise PdqError(f"quant=mixed needs a budget; accepted: one of {accepted} (e.g. quant.budget.avg_w_bits=3)")

@@ -1,4 +1,4 @@
-"""Reports from run dirs: `pdq-report <run or multirun dirs...> [--out DIR] [--curves RUN_DIR]`
+"""Reports from run dirs: `pdq report <run or multirun dirs...> [--out DIR] [--curves RUN_DIR]`
 (or `python -m pdq.report ...`).
 
 Reads every job dir below the given dirs (a job dir holds `.hydra/` or `results.json`) and writes, atomically,

@@ -1,4 +1,4 @@
-"""`python -m pdq.report ...`: the same as `pdq-report ...`."""
+"""`python -m pdq.report ...`: the same as `pdq report ...`."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""`pdq-report <run or multirun dirs...> [--out DIR] [--layout LAYOUT] [--curves RUN_DIR]`: write the report.
+"""`pdq report <run or multirun dirs...> [--out DIR] [--layout LAYOUT] [--curves RUN_DIR]`: write the report.
 
 Collects the runs, labels them once, builds every table and plot, writes them atomically into `--out` and
 prints the `--layout` table and the missing runs."""
@@ -19,7 +19,7 @@ LAYOUTS = ["by_model", "paper", "ablation", "table1", "pareto"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="pdq-report", description="Tables and plots from pdq run dirs.")
+    ap = argparse.ArgumentParser(prog="pdq report", description="Tables and plots from pdq run dirs.")
     ap.add_argument("dirs", nargs="+", help="run or multirun dirs (searched recursively for job dirs)")
     ap.add_argument("--out", help="output dir (default: report/ inside the first dir)")
     ap.add_argument("--layout", choices=LAYOUTS, default="by_model",

@@ -4,7 +4,7 @@ Parity tolerance. onnxruntime and torch accumulate a convolution's float product
 within float rounding of a grid boundary can take the neighbouring code in one of them; that step propagates to the
 logits. `head_step` is what one step of every element of the classifier's (quantized) input moves a logit by at
 most: s_in * max_j sum_i |W_ji|. The logits must agree within 3 head steps (the largest difference over the
-10,000 test images in the README's 36 parity cells is 2.23), and the predictions on all but at most one image
+10,000 test images in docs/deployment.md's 36 parity cells is 2.23), and the predictions on all but at most one image
 of a subset."""
 
 import json
@@ -244,7 +244,7 @@ def test_bad_opsets_are_rejected_with_the_accepted_range(runs, tmp_path, capsys)
         with pytest.raises(PdqError, match=r"opset=.* is not accepted; accepted: 13\.\.25"):
             export_onnx(run_dir, out=tmp_path / "m.onnx", opset=opset)
     assert export_main([str(run_dir), "--format", "onnx", "--opset", "12"]) == 2
-    assert "pdq-export: error: opset=12 is not accepted" in capsys.readouterr().err
+    assert "pdq export: error: opset=12 is not accepted" in capsys.readouterr().err
     cfg = compose_config("export=onnx", "export.opset=9", f"paths.output_dir={tmp_path}/run")
     with pytest.raises(PdqError, match="opset=9 is not accepted"):
         run(cfg)

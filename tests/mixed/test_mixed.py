@@ -1,5 +1,5 @@
 """Mixed precision: the exact allocation (against brute force), budgets, the sensitivity measurement,
-`quant=mixed` with every method, a mixed run reproduced from its written allocation, and `pdq-sensitivity`."""
+`quant=mixed` with every method, a mixed run reproduced from its written allocation, and `pdq sensitivity`."""
 
 import itertools
 import json

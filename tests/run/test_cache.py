@@ -1,6 +1,6 @@
 """pdq.cache: the key (every field, torch version, device; never an object's repr), the load/validate/save path
 (round trip, corrupt and older entries miss with a warning and are rewritten), the cached FP top-1, and
-`pdq-cache list|prune` with its bad input."""
+`pdq cache list|prune` with its bad input."""
 
 import json
 import logging
@@ -222,5 +222,5 @@ def test_bad_input_is_one_clear_message(tmp_path, capsys, args, message):
         args += ["--cache-dir", str(tmp_path)]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert message in err and err.startswith("pdq-cache: error:") and len(err.splitlines()) == 1
+    assert message in err and err.startswith("pdq cache: error:") and len(err.splitlines()) == 1
     assert len(scan(tmp_path)) == 1  # nothing removed
