@@ -24,9 +24,9 @@ deps:
 
 # the wheel as a user gets it: built, installed with --no-deps into a fresh virtual environment that sees this
 # machine's packages, and run from a folder outside the checkout (`pdq --help`, a `pdq` run, `pdq.load`, the
-# README's Python example); tests/run/test_wheel.py, marked slow
+# README's Python example): tests/run/test_wheel.py, which the default suite runs too
 wheel-test: deps data
-	$(PYTHON) -m pytest -m slow tests/run/test_wheel.py $(PYTEST_ARGS)
+	$(PYTHON) -m pytest tests/run/test_wheel.py $(PYTEST_ARGS)
 
 # the real Fashion-MNIST IDX files from Debian's package, when apt is usable and they are missing
 data:

@@ -1,9 +1,9 @@
-"""`pdq.quantize`: the run of `run.py` on a model and images given as Python objects.
+"""`pdq.quantize`: the run of the `pdq` command on a model and images given as Python objects.
 
     import pdq
     qmodel, results = pdq.quantize(model, images, method="pdquant", bits="w4a4", iters=200)
 
-The config is composed from the same `conf/` as `run.py` (`method=`, `quant=` and any other group by
+The config is composed from the same `conf/` as the `pdq` command (`method=`, `quant=` and any other group by
 name, e.g. `trainer="gpu"`, `logger="wandb"`), with the overrides applied by the config's own names."""
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def quantize(model: nn.Module, calib, *, method: str = "pdquant", bits: str = "w
              eval_data: DataLoader | None = None, **overrides) -> tuple[nn.Module, dict]:
     """Quantize `model` with `method` at `bits` (a `conf/quant` name: w4a4, w2a4, ...) from the calibration
     images `calib` (a [N, C, H, W] tensor, a Dataset or a DataLoader): the same engine, defaults, progress
-    and logging as `run.py`. `overrides` use the config's names: `iters=200`, `calib_size=512`, `seed=0`,
+    and logging as the `pdq` command. `overrides` use the config's names: `iters=200`, `calib_size=512`, `seed=0`,
     `method.drop_prob=0.5`, `trainer="gpu"`, `backend="onnxruntime"` (quant.backend: the quantizers and grids of
     a runtime's integer kernels, `pdq.quant.backends`); an unknown name is an error. By default every given image is
     calibration data (calib.size = N, and batch / activation-init sizes at most N). `eval_data`, a loader
@@ -132,7 +132,7 @@ def quantize(model: nn.Module, calib, *, method: str = "pdquant", bits: str = "w
     cfg, keys = compose(method, bits, {k.replace("__", "."): v for k, v in overrides.items()})
     if world_size_of(cfg.trainer) > 1:
         raise PdqError("pdq.quantize runs in this one process; accepted: trainer.devices=1 (multi-GPU and "
-                       "multi-node runs go through run.py trainer=ddp)")
+                       "multi-node runs go through `pdq trainer=ddp`)")
     n = len(images)
     with open_dict(cfg):
         cfg.model.name = type(model).__name__

@@ -8,8 +8,8 @@ CPU a single `addcmul` over it took 22 ms this way against 2.3 ms on reused memo
 turns this off for the process (`mallopt`: no mmap for large blocks, no trimming of the heap), so freed
 memory is reused. The process's resident memory then stays near its peak instead of shrinking after it.
 
-`python run.py` calls it when `keep_freed_memory` is true (the default; conf/config.yaml). Importing pdq does
-not: a Python caller chooses for its own process."""
+The `pdq` command (`python run.py` in a checkout) calls it when `keep_freed_memory` is true (the default;
+conf/config.yaml). Importing pdq does not: a Python caller chooses for its own process."""
 
 from __future__ import annotations
 

@@ -217,8 +217,8 @@ def child_command(out_dir: Path) -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
-        raise PdqError("a multi-process run (trainer.devices > 1) starts its ranks through `python run.py`; "
-                       "accepted otherwise: processes started by torchrun or srun")
+        raise PdqError("a multi-process run (trainer.devices > 1) starts its ranks through the `pdq` command (or "
+                       "`python run.py`); accepted otherwise: processes started by torchrun or srun")
     argv = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
     launch = argv[1:len(argv) - (len(sys.argv) - 1)]  # the interpreter's own options and the script or -m module
     overrides = list(HydraConfig.get().overrides.task)
@@ -367,7 +367,7 @@ def _spawn_ranks(world: int, nodes: int, gpu: bool, out_dir: Path):
     (for `restore_environment`; put back here if a rank cannot be started)."""
     if nodes > 1:
         raise PdqError(f"trainer.num_nodes={nodes} needs its processes started on every node by srun (SLURM) "
-                       f"or torchrun; accepted when run.py starts them itself: trainer.num_nodes=1")
+                       f"or torchrun; accepted when pdq starts them itself: trainer.num_nodes=1")
     command = child_command(out_dir)
     threads = None if ("OMP_NUM_THREADS" in os.environ or gpu) else max(1, (os.cpu_count() or 1) // world)
     address = os.environ.get("MASTER_ADDR", "127.0.0.1")

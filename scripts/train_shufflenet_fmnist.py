@@ -7,7 +7,7 @@ Adaptation: the stem is a 1-channel 3x3 stride-1 conv and the stem max-pool is r
 reach the last stage at 4x4); 10 classes. Recipe: the embedded models' (scripts/train_reference.py: SGD
 Nesterov 0.9, weight decay 5e-4 except BN/bias, batch 128, one-cycle LR peaking at 0.1, random crop +
 flip), 3 epochs, seed 0. Quantize it with
-`python run.py model=custom model.target=scripts.train_shufflenet_fmnist.shufflenet_fmnist
+`pdq model=custom model.target=scripts.train_shufflenet_fmnist.shufflenet_fmnist
 model.checkpoint=outputs/shufflenet_fmnist.pt`.
 """
 

@@ -157,7 +157,7 @@ def int_file(path: str | Path) -> Path:
         return path / INT_FILE
     if not (path / "results.json").is_file():
         raise PdqError(f"{path} holds no finished run (no results.json, no {INT_FILE}); accepted: the run dir of a "
-                       f"finished run (an interrupted one continues with `python run.py resume={path}`)")
+                       f"finished run (an interrupted one continues with `pdq resume={path}`)")
     raise PdqError(f"{path} holds a finished run without {INT_FILE} (written by a pdq before the integer "
                    f"checkpoint); accepted: a run dir of this pdq ({pdq.__version__}); run it again")
 

@@ -4,7 +4,7 @@ Parity tolerance. onnxruntime and torch accumulate a convolution's float product
 within float rounding of a grid boundary can take the neighbouring code in one of them; that step propagates to the
 logits. `head_step` is what one step of every element of the classifier's (quantized) input moves a logit by at
 most: s_in * max_j sum_i |W_ji|. The logits must agree within 3 head steps (the largest difference over the
-10,000 test images in the README's 36 parity cells is 2.23), and the predictions on all but at most one image
+10,000 test images in docs/deployment.md's 36 parity cells is 2.23), and the predictions on all but at most one image
 of a subset."""
 
 import json

@@ -88,7 +88,7 @@ def test_bad_ddp_settings_stop_with_one_clear_error(make_cfg, tmp_path):
         run(make_cfg("trainer=ddp_cpu", "calib.size=63", "calib.act_init_size=32"))
     with pytest.raises(PdqError, match=r"calib.batch_size=33 does not split evenly over 2 processes"):
         run(make_cfg("trainer=ddp_cpu", "calib.batch_size=33"))
-    with pytest.raises(PdqError, match=r"starts its ranks through `python run.py`"):
+    with pytest.raises(PdqError, match=r"starts its ranks through the `pdq` command"):
         run(make_cfg("trainer=ddp_cpu", "method=rtn_minmax", "debug=fast"))
     assert "LOCAL_RANK" not in os.environ  # the refused run left this process as it was
     proc = run_cli("trainer=ddp_cpu", "trainer.num_nodes=2", "debug=fast", "method=rtn_minmax", "logger=none",
