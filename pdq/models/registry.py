@@ -8,11 +8,12 @@ from __future__ import annotations
 import hashlib
 import importlib
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 import torchvision
+from omegaconf import ListConfig, OmegaConf
 from torch import nn
 
 from pdq.errors import PdqError, cause
@@ -57,6 +58,11 @@ def check_model_name(name: str) -> None:
 def check_model_config(model_cfg) -> None:
     """Cheap checks of the model config before anything is loaded: a known name, or an importable target."""
     if str(model_cfg.get("_target_", "")).endswith("build_custom"):
+        kwargs = model_cfg.get("kwargs")
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            shown = OmegaConf.to_container(kwargs) if isinstance(kwargs, ListConfig) else kwargs
+            raise PdqError(f"model.kwargs={shown!r} is not accepted; accepted: a mapping of keyword arguments, "
+                           f"e.g. model.kwargs={{num_classes:10}}")
         if model_cfg.get("target"):
             _import_target(model_cfg.target)
         elif not model_cfg.get("checkpoint"):

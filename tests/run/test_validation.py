@@ -108,6 +108,13 @@ def test_truncated_gz_data_names_the_file(make_cfg, tmp_path):
                      "calib.act_init_size=8", "method=rtn_minmax", "logger=none"))
 
 
+@pytest.mark.parametrize("value,shown", [("5", "5"), ("[1,2]", r"\[1, 2\]")])
+def test_model_kwargs_that_is_not_a_mapping(make_cfg, no_heavy_work, value, shown):
+    fails(make_cfg, "model=custom", "model.target=torch.nn.Linear", f"model.kwargs={value}",
+          match=rf"model.kwargs={shown} is not accepted; accepted: a mapping of keyword arguments, e.g. "
+                r"model.kwargs=\{num_classes:10\}")
+
+
 def test_imagenet_without_root(make_cfg, no_heavy_work):
     fails(make_cfg, "data=imagenet", match=r"data.root is not set .*data=imagenet needs data.root=PATH")
 
