@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from pdq.data.tensor import TensorDataModule
 from pdq.errors import PdqError
@@ -28,6 +28,8 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("trainer", "logger", "export")
 #: where a plain override name is looked up, in order (`iters` -> method.iters, `size` -> calib.size)
 SEARCH = ("", "method.", "calib.", "quant.", "model.ptq.")
+#: images per batch when `eval_data` is a Dataset or an (images, labels) pair
+EVAL_BATCH_SIZE = 256
 log = logging.getLogger("pdq")
 
 
@@ -48,6 +50,23 @@ def as_images(calib) -> torch.Tensor:
     if not torch.isfinite(images).all():
         raise PdqError("calib holds NaN or inf values; accepted: finite images")
     return images.float()
+
+
+def as_eval_loader(eval_data) -> DataLoader | None:
+    """`eval_data` as a loader of (images, labels) batches: a DataLoader as it is, a Dataset of (image, label)
+    pairs or an (images, labels) pair of tensors in batches of `EVAL_BATCH_SIZE`; a bare tensor has no labels."""
+    if eval_data is None or isinstance(eval_data, DataLoader):
+        return eval_data
+    pair = isinstance(eval_data, (tuple, list)) and len(eval_data) == 2 and all(
+        isinstance(t, torch.Tensor) and t.ndim for t in eval_data)
+    if pair and len(eval_data[0]) == len(eval_data[1]):
+        eval_data = TensorDataset(*eval_data)
+    if isinstance(eval_data, Dataset):
+        return DataLoader(eval_data, batch_size=EVAL_BATCH_SIZE)
+    what = (f"a {eval_data.dtype} tensor of shape {list(eval_data.shape)} (images without labels)"
+            if isinstance(eval_data, torch.Tensor) else f"a {type(eval_data).__name__}")
+    raise PdqError(f"eval_data is {what}; accepted: a DataLoader of (images, labels) batches, a Dataset of "
+                   f"(image, label) pairs, an (images, labels) pair of tensors of equal length, or None (no evaluation)")
 
 
 def _has(cfg: DictConfig, key: str) -> bool:
@@ -123,14 +142,15 @@ def _console_logging() -> Iterator[None]:
 
 
 def quantize(model: nn.Module, calib, *, method: str = "pdquant", bits: str = "w4a4", out_dir: str | Path | None = None,
-             eval_data: DataLoader | None = None, **overrides) -> tuple[nn.Module, dict]:
+             eval_data: DataLoader | Dataset | tuple | None = None, **overrides) -> tuple[nn.Module, dict]:
     """Quantize `model` with `method` at `bits` (a `conf/quant` name: w4a4, w2a4, ...) from the calibration
     images `calib` (a [N, C, H, W] tensor, a Dataset or a DataLoader): the same engine, defaults, progress
     and logging as `run.py`. `overrides` use the config's names: `iters=200`, `calib_size=512`, `seed=0`,
     `method.drop_prob=0.5`, `trainer="gpu"`, `backend="onnxruntime"` (quant.backend: the quantizers and grids of
     a runtime's integer kernels, `pdq.quant.backends`); an unknown name is an error. By default every given image is
-    calibration data (calib.size = N, and batch / activation-init sizes at most N). `eval_data`, a loader
-    of (image, label) batches, adds FP and quantized top-1. The files of a run (results.json,
+    calibration data (calib.size = N, and batch / activation-init sizes at most N). `eval_data` (a DataLoader
+    of (images, labels) batches, a Dataset of (image, label) pairs or an (images, labels) pair of tensors) adds FP
+    and quantized top-1. The files of a run (results.json,
     quantized_model.pt, quantized_int.safetensors, the CSV log; quantized_model.onnx with export="onnx") go to
     `out_dir`, or to a temporary dir removed afterwards.
     Returns (the quantized torch.fx.GraphModule, the results dict of results.json)."""
@@ -140,6 +160,7 @@ def quantize(model: nn.Module, calib, *, method: str = "pdquant", bits: str = "w
     if not isinstance(model, nn.Module):
         raise PdqError(f"model is {type(model).__name__}; accepted: a torch.nn.Module")
     images = as_images(calib)
+    eval_loader = as_eval_loader(eval_data)
     cfg, keys = compose(method, bits, {k.replace("__", "."): v for k, v in overrides.items()})
     if world_size_of(cfg.trainer) > 1:
         raise PdqError("pdq.quantize runs in this one process; accepted: trainer.devices=1 (multi-GPU and "
@@ -158,5 +179,5 @@ def quantize(model: nn.Module, calib, *, method: str = "pdquant", bits: str = "w
         run_dir = out_dir if out_dir is not None else stack.enter_context(tempfile.TemporaryDirectory(prefix="pdq-"))
         cfg.paths.output_dir = str(Path(run_dir).expanduser())
         stack.enter_context(_console_logging())
-        results, qmodel = execute(cfg, model=model, datamodule=TensorDataModule(images, eval_data))
+        results, qmodel = execute(cfg, model=model, datamodule=TensorDataModule(images, eval_loader))
     return qmodel, results

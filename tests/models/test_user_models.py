@@ -257,6 +257,20 @@ def test_python_api_overrides_and_calibration_inputs(tmp_path):
     assert r["config"]["quant"]["w_bits"] == 8 and r["unit_table"] == []
 
 
+def test_eval_data_forms_and_a_bare_tensor_refused_before_the_work(monkeypatch):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+    model(torch.randn(1, 3, 8, 8))
+    images, labels = torch.randn(8, 3, 8, 8), torch.arange(8)
+    _, r = pdq.quantize(model, images, method="rtn_minmax", bits="w8a8", eval_data=(images, labels))
+    assert r["eval_images"] == 8 and r["quant_top1"] is not None
+    monkeypatch.setattr("pdq.pipeline.execute", lambda *a, **k: pytest.fail("the run started"))
+    with pytest.raises(PdqError, match=r"eval_data is a torch.float32 tensor of shape \[8, 3, 8, 8\] \(images without "
+                                       r"labels\); accepted: a DataLoader of \(images, labels\) batches, a Dataset"):
+        pdq.quantize(model, images, eval_data=images)
+    with pytest.raises(PdqError, match=r"eval_data is a str; accepted"):
+        pdq.quantize(model, images, eval_data="/some/folder")
+
+
 @pytest.mark.parametrize("case,message", [
     ("channels", r"the model does not take data=fashion_mnist's images: they are \[1, 28, 28\] \(C x H x W\), and its "
                  r"first conv stem.0 takes 3 input channels"),
