@@ -69,6 +69,17 @@ def as_eval_loader(eval_data) -> DataLoader | None:
                    f"(image, label) pairs, an (images, labels) pair of tensors of equal length, or None (no evaluation)")
 
 
+@contextlib.contextmanager
+def _modes_kept(model: nn.Module) -> Iterator[None]:
+    """The train/eval mode of `model` and of each of its submodules as they were, on every way out."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def _has(cfg: DictConfig, key: str) -> bool:
     """Whether the dotted `key` exists in `cfg` (without resolving any interpolation)."""
     node = cfg
@@ -150,7 +161,7 @@ def quantize(model: nn.Module, calib, *, method: str = "pdquant", bits: str = "w
     a runtime's integer kernels, `pdq.quant.backends`); an unknown name is an error. By default every given image is
     calibration data (calib.size = N, and batch / activation-init sizes at most N). `eval_data` (a DataLoader
     of (images, labels) batches, a Dataset of (image, label) pairs or an (images, labels) pair of tensors) adds FP
-    and quantized top-1. The files of a run (results.json,
+    and quantized top-1. The model's train/eval modes are left as they were. The files of a run (results.json,
     quantized_model.pt, quantized_int.safetensors, the CSV log; quantized_model.onnx with export="onnx") go to
     `out_dir`, or to a temporary dir removed afterwards.
     Returns (the quantized torch.fx.GraphModule, the results dict of results.json)."""
@@ -179,5 +190,6 @@ def quantize(model: nn.Module, calib, *, method: str = "pdquant", bits: str = "w
         run_dir = out_dir if out_dir is not None else stack.enter_context(tempfile.TemporaryDirectory(prefix="pdq-"))
         cfg.paths.output_dir = str(Path(run_dir).expanduser())
         stack.enter_context(_console_logging())
+        stack.enter_context(_modes_kept(model))
         results, qmodel = execute(cfg, model=model, datamodule=TensorDataModule(images, eval_loader))
     return qmodel, results

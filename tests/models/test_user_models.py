@@ -271,6 +271,19 @@ def test_eval_data_forms_and_a_bare_tensor_refused_before_the_work(monkeypatch):
         pdq.quantize(model, images, eval_data="/some/folder")
 
 
+def test_the_callers_model_keeps_its_train_and_eval_modes():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+    model(torch.randn(2, 3, 8, 8))
+    model.train()
+    model[1].eval()  # a frozen BatchNorm inside a model in training
+    modes = [m.training for m in model.modules()]
+    pdq.quantize(model, torch.randn(8, 3, 8, 8), method="rtn_minmax", bits="w8a8")
+    assert [m.training for m in model.modules()] == modes
+    with pytest.raises(PdqError, match="the model does not take"):  # an error after the run put it in eval mode
+        pdq.quantize(model, torch.randn(8, 1, 8, 8), method="rtn_minmax", bits="w8a8")
+    assert [m.training for m in model.modules()] == modes
+
+
 @pytest.mark.parametrize("case,message", [
     ("channels", r"the model does not take data=fashion_mnist's images: they are \[1, 28, 28\] \(C x H x W\), and its "
                  r"first conv stem.0 takes 3 input channels"),
