@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from pdq.errors import PdqError
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 #: config groups an override may select by name (`trainer="gpu"`, `export="onnx"`)
 GROUPS = ("trainer", "logger", "export")
-#: where a plain override name is looked up, in order (`iters` -> method.iters, `size` -> calib.size)
+#: where a plain override name is looked up (`drop_prob` -> method.drop_prob, `size` -> calib.size)
 SEARCH = ("", "method.", "calib.", "quant.", "model.ptq.")
 #: images per batch when `eval_data` is a Dataset or an (images, labels) pair
 EVAL_BATCH_SIZE = 256
@@ -80,27 +81,54 @@ def _modes_kept(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _has(cfg: DictConfig, key: str) -> bool:
-    """Whether the dotted `key` exists in `cfg` (without resolving any interpolation)."""
+def _node(cfg: DictConfig, key: str):
+    """The node of the dotted `key` in `cfg` (its interpolation unresolved), or None where there is none."""
     node = cfg
     for part in key.split("."):
         if not isinstance(node, DictConfig) or part not in node:
-            return False
+            return None
         node = node._get_node(part)
-    return True
+    return node
+
+
+def _follows(cfg: DictConfig, key: str) -> str | None:
+    """The key whose value `key` takes whole (`method.iters: ${model.ptq.iters}` follows model.ptq.iters)."""
+    node = _node(cfg, key)
+    found = re.fullmatch(r"\$\{([\w.]+)\}", str(node._value())) if node._is_interpolation() else None
+    return found.group(1) if found else None
 
 
 def resolve_key(cfg: DictConfig, key: str) -> str:
-    """The config key an override names: a dotted key as it is; a plain name looked up in `SEARCH` order,
-    then as `<group>_<key>` (calib_size -> calib.size)."""
+    """The config key an override names: a dotted key as it is; a plain name looked up under each of `SEARCH`
+    and as `<group>_<key>` (calib_size -> calib.size). A plain name found at several keys names one setting only
+    where the others follow one of them (`iters`: method.iters follows model.ptq.iters, which is set); otherwise it
+    is ambiguous, and an error. The key a plain name resolved to is logged."""
     head, _, rest = key.partition("_")
     candidates = [key] if "." in key else [*(p + key for p in SEARCH), *([f"{head}.{rest}"] if rest else [])]
-    for candidate in candidates:
-        if _has(cfg, candidate):
-            return candidate
-    raise PdqError(f"quantize(..., {key}=...): {key!r} is no setting of the composed config; accepted: a dotted "
-                   f"key (method.drop_prob, calib.batch_size, ...), a name found under {', '.join(SEARCH[1:])} "
-                   f"(iters, drop_prob, ...), <group>_<key> (calib_size), or a config group ({', '.join(GROUPS)})")
+    found = [c for c in candidates if _node(cfg, c) is not None]
+    if not found:
+        raise PdqError(f"quantize(..., {key}=...): {key!r} is no setting of the composed config; accepted: a dotted "
+                       f"key (method.drop_prob, calib.batch_size, ...), a name found under {', '.join(SEARCH[1:])} "
+                       f"(iters, drop_prob, ...), <group>_<key> (calib_size), or a config group ({', '.join(GROUPS)})")
+    if "." in key:
+        return key
+
+    def source(candidate: str) -> str:
+        for _ in found:  # a step per candidate at most: a cycle of interpolations ends too
+            if _follows(cfg, candidate) not in found:
+                break
+            candidate = _follows(cfg, candidate)
+        return candidate
+
+    sources = sorted({source(c) for c in found})
+    if len(sources) > 1:
+        raise PdqError(f"quantize(..., {key}=...): {key!r} names {len(sources)} different settings ({', '.join(found)}); "
+                       f"accepted: the dotted key of the one meant, e.g. **{{{found[0]!r}: ...}} or "
+                       f"{found[0].replace('.', '__')}=...")
+    followers = [c for c in found if c != sources[0]]
+    log.info("quantize(..., %s=...) sets %s%s", key, sources[0],
+             f" (followed by {', '.join(followers)})" if followers else "")
+    return sources[0]
 
 
 def compose(method: str, bits: str, overrides: dict) -> tuple[DictConfig, set[str]]:
@@ -172,7 +200,8 @@ def quantize(model: nn.Module, calib, *, method: str = "pdquant", bits: str = "w
         raise PdqError(f"model is {type(model).__name__}; accepted: a torch.nn.Module")
     images = as_images(calib)
     eval_loader = as_eval_loader(eval_data)
-    cfg, keys = compose(method, bits, {k.replace("__", "."): v for k, v in overrides.items()})
+    with _console_logging():  # the keys that plain override names resolve to are logged
+        cfg, keys = compose(method, bits, {k.replace("__", "."): v for k, v in overrides.items()})
     if world_size_of(cfg.trainer) > 1:
         raise PdqError("pdq.quantize runs in this one process; accepted: trainer.devices=1 (multi-GPU and "
                        "multi-node runs go through run.py trainer=ddp)")

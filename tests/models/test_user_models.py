@@ -2,6 +2,7 @@
 runs on them, and a user's own model goes in from the command line or from Python."""
 
 import json
+import logging
 import os
 import re
 from functools import partial
@@ -255,6 +256,27 @@ def test_python_api_overrides_and_calibration_inputs(tmp_path):
     q, r = pdq.quantize(model, loader, method="rtn_minmax", bits="w8a8", eval_data=loader)
     assert r["config"]["calib"]["size"] == 8 and r["eval_images"] == 8 and r["quant_top1"] is not None
     assert r["config"]["quant"]["w_bits"] == 8 and r["unit_table"] == []
+
+
+def test_plain_override_names_name_one_setting_or_are_refused_naming_the_keys(caplog, monkeypatch):
+    """A plain name found at several keys is one setting where the others follow it (`temperature` under
+    quant=mixed: method.temperature and quant.temperature follow model.ptq.temperature), whatever the method;
+    two different settings (calib.batch_size, quant.batch_size) make it an error. The key set is logged."""
+    from pdq.api import compose
+
+    with caplog.at_level(logging.INFO, logger="pdq"):
+        cfg, keys = compose("pdquant", "mixed", {"temperature": 2.0, "iters": 3})
+    assert keys == {"model.ptq.temperature", "model.ptq.iters"}
+    assert (cfg.method.temperature, cfg.quant.temperature, cfg.method.iters) == (2.0, 2.0, 3)
+    assert "temperature=...) sets model.ptq.temperature (followed by method.temperature, quant.temperature)" \
+        in caplog.text and "iters=...) sets model.ptq.iters (followed by method.iters)" in caplog.text
+    assert compose("rtn_mse", "mixed", {"temperature": 2.0})[1] == {"model.ptq.temperature"}
+    assert compose("pdquant", "w4a4", {"batch_size": 4, "calib_size": 8})[1] == {"calib.batch_size", "calib.size"}
+    monkeypatch.setattr("pdq.pipeline.execute", lambda *a, **k: pytest.fail("the run started"))
+    with pytest.raises(PdqError, match=r"quantize\(..., batch_size=...\): 'batch_size' names 2 different settings "
+                                       r"\(calib.batch_size, quant.batch_size\); accepted: the dotted key of the one "
+                                       r"meant, e.g. \*\*\{'calib.batch_size': ...\} or calib__batch_size=..."):
+        pdq.quantize(nn.Conv2d(3, 4, 3), torch.randn(8, 3, 8, 8), bits="mixed", batch_size=4)
 
 
 def test_eval_data_forms_and_a_bare_tensor_refused_before_the_work(monkeypatch):
