@@ -33,7 +33,7 @@ from pdq.launch import session
 from pdq.loggers import check_logger, run_logger
 from pdq.methods import Method
 from pdq.mixed.sensitivity import model_cost
-from pdq.models.registry import check_input
+from pdq.models.registry import check_forward, check_input
 from pdq.process import run_scope, seed_and_switches
 from pdq.quant import apply_layout, quantize_model
 from pdq.quant.graph import integer_plan, log_integer_plan
@@ -116,7 +116,9 @@ def run_ranks(run: Run) -> tuple[dict, torch.nn.Module]:
     device = resolve_device(cfg, dist)
     wall_before = begin_part(run.out_dir, run.resume_state is not None, run.t0) if dist.main else 0.0
     with run_logger(cfg, run.resume_state is not None, enabled=dist.main) as logger:  # rank 0 logs
-        model = (run.model if run.model is not None else instantiate(cfg.model)).eval().to(device)
+        model = run.model if run.model is not None else instantiate(cfg.model)
+        check_forward(model)
+        model = model.eval().to(device)
         qmodel = quantize_model(model, backend=run.layout.backend).to(device)
         table = run.layout.resolve(qmodel)  # cheap: a bad per-layer name fails before the data
         apply_layout(qmodel, table)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -79,6 +80,24 @@ def expected_input(model: nn.Module) -> str:
         if isinstance(mod, nn.Conv2d):
             return f"its first conv {name} takes {mod.in_channels} input channels"
     return "it has no Conv2d"
+
+
+def check_forward(model: nn.Module) -> None:
+    """The model takes one image batch, in float32, as its forward's signature and its parameters say: checked
+    as soon as the model is built, before it is traced or any data is loaded (a model with two inputs, or in
+    float16, would otherwise fail `check_input` as a channel mismatch)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C forward: nothing to read
+        params = []
+    inputs = [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(inputs) > 1:
+        raise PdqError(f"the model's forward takes {len(inputs)} inputs ({', '.join(inputs)}); accepted: a model whose "
+                       f"forward takes one image batch")
+    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()} - {torch.float32}
+    if dtypes:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        raise PdqError(f"the model's parameters are {names}; accepted: a float32 model (call model.float())")
 
 
 @torch.no_grad()

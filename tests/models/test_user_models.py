@@ -179,6 +179,15 @@ class SENet(nn.Module):
 
 def senet(**kwargs):
     return SENet(**kwargs)
+
+
+def senet_half(**kwargs):
+    return SENet(**kwargs).half()
+
+
+class TwoInputs(SENet):
+    def forward(self, x, mask):
+        return super().forward(x * mask)
 '''
 
 
@@ -330,6 +339,25 @@ def test_user_model_errors_are_one_clear_line(user_pkg, tmp_path, case, message)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert re.search(message, proc.stderr), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("target,message", [
+    ("TwoInputs", r"the model's forward takes 2 inputs \(x, mask\); accepted: a model whose forward takes one image "
+                  r"batch"),
+    ("senet_half", r"the model's parameters are float16; accepted: a float32 model \(call model.float\(\)\)"),
+])
+def test_a_model_with_two_inputs_or_in_float16_is_named_as_such(user_pkg, make_cfg, monkeypatch, target, message):
+    """Not as a channel mismatch: from the command line's model.target and from pdq.quantize, as soon as the
+    model is built (before it is traced or any data is loaded)."""
+    import my_models
+
+    from pdq.pipeline import run
+
+    monkeypatch.setattr("pdq.pipeline.quantize_model", lambda *a, **k: pytest.fail("the model was traced"))
+    with pytest.raises(PdqError, match=message):
+        run(make_cfg("model=custom", f"model.target=my_models.{target}", *QUICK))
+    with pytest.raises(PdqError, match=message):
+        pdq.quantize(getattr(my_models, target)(), torch.randn(4, 1, 16, 16), method="rtn_minmax")
 
 
 def test_whole_module_checkpoint_loads_only_when_trusted(user_pkg, tmp_path):
