@@ -124,7 +124,7 @@ def run_ranks(run: Run) -> tuple[dict, torch.nn.Module]:
         apply_layout(qmodel, table)
         run.datamodule.setup()
         sample = run.datamodule.calibration_set(1, cfg.seed)
-        check_input(model, sample[0].to(device), run.datamodule.name)
+        check_input(model, sample[0].to(device), run.datamodule)
         if run.exporter is not None and dist.main:
             run.exporter.check(qmodel, list(sample.shape[1:]), table)
         calib = run.datamodule.calibration_set(cfg.calib.size, cfg.seed)

@@ -103,6 +103,16 @@ class FolderDataModule(L.LightningDataModule):
             check_eval_subset(self.eval_subset, len(self._eval))
 
     @property
+    def num_classes(self) -> int | None:
+        """The evaluation classes (one folder each under `eval_root`); None without an evaluation set."""
+        self.setup()
+        return None if self._eval is None else len(self._eval.classes)
+
+    @property
+    def classes_from(self) -> str:
+        return f"the class folders of data.eval_root={self.eval_root!r}"
+
+    @property
     def train_size(self) -> int:
         self.prepare_data()
         return len(self._files)

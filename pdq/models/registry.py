@@ -101,9 +101,11 @@ def check_forward(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def check_input(model: nn.Module, image: torch.Tensor, data: str) -> None:
+def check_input(model: nn.Module, image: torch.Tensor, datamodule) -> None:
     """One calibration image through the float model before any heavy work: a shape or channel mismatch
-    is one error naming both sides; the model must return [N, classes] logits."""
+    is one error naming both sides; the model must return [N, classes] logits, at least as many as the data
+    module's evaluation classes (its `num_classes`, where it has one; `classes_from` says where they come from)."""
+    data = datamodule.name
     try:
         out = model(image[None])
     except Exception as e:
@@ -114,6 +116,13 @@ def check_input(model: nn.Module, image: torch.Tensor, data: str) -> None:
         got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise PdqError(f"{type(model).__name__} returns {got} for one image; accepted: a model that returns logits "
                        f"of shape [N, classes]")
+    classes, outputs = getattr(datamodule, "num_classes", None), out.shape[1]
+    if classes is not None and classes > outputs:
+        where = getattr(datamodule, "classes_from", "its labels")
+        raise PdqError(f"data={data} has {classes} evaluation classes ({where}) but the model has {outputs} outputs: "
+                       f"the images of the last {classes - outputs} classes could never be predicted and top-1 would "
+                       f"be wrong; accepted: at most {outputs} classes, in the order of the model's outputs (fewer "
+                       f"are fine)")
 
 
 def _expected_sha256(path: Path) -> str | None:

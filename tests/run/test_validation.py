@@ -6,11 +6,14 @@ import gzip
 import json
 import logging
 import os
+import re
+import shutil
 import struct
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pdq.data import FashionMNISTDataModule, ImageNetDataModule
 from pdq.data import fashion_mnist as fm
@@ -113,6 +116,46 @@ def test_model_kwargs_that_is_not_a_mapping(make_cfg, no_heavy_work, value, show
     fails(make_cfg, "model=custom", "model.target=torch.nn.Linear", f"model.kwargs={value}",
           match=rf"model.kwargs={shown} is not accepted; accepted: a mapping of keyword arguments, e.g. "
                 r"model.kwargs=\{num_classes:10\}")
+
+
+def write_images(folder, n, size=28, seed=0):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+#: data=folder for the embedded ResNet-20 (10 outputs, one 28x28 channel), with 4 calibration images
+FOLDER = ["data=folder", "data.image_size=28", "data.channels=1", "data.mean=[0.286]", "data.std=[0.353]",
+          "calib.size=4", "calib.batch_size=4", "calib.act_init_size=4", "method=rtn_minmax", "logger=none"]
+
+
+class ReachedFPEvaluation(Exception):
+    pass
+
+
+@pytest.fixture
+def stop_at_fp_evaluation(monkeypatch):
+    def fp_top1(*args, **kwargs):
+        raise ReachedFPEvaluation
+
+    monkeypatch.setattr("pdq.pipeline.fp_top1", fp_top1)
+
+
+def test_more_class_folders_than_model_outputs(make_cfg, stop_at_fp_evaluation, tmp_path):
+    write_images(tmp_path / "calib", 4)
+    for c in range(11):
+        write_images(tmp_path / "eval" / f"class{c:02d}", 1, seed=c)
+    cfg = make_cfg(*FOLDER, f"data.root={tmp_path / 'calib'}", f"data.eval_root={tmp_path / 'eval'}")
+    with pytest.raises(PdqError, match=rf"data=folder has 11 evaluation classes \(the class folders of "
+                                       rf"data.eval_root='{re.escape(str(tmp_path / 'eval'))}'\) but the model has 10 "
+                                       rf"outputs: .*accepted: at most 10 classes"):
+        run(cfg)
+    for keep in (10, 2):  # as many classes as outputs, or fewer: the run goes on to the FP evaluation
+        for c in range(keep, 11):
+            shutil.rmtree(tmp_path / "eval" / f"class{c:02d}", ignore_errors=True)
+        with pytest.raises(ReachedFPEvaluation):
+            run(cfg)
 
 
 def test_imagenet_without_root(make_cfg, no_heavy_work):
