@@ -158,6 +158,26 @@ def test_more_class_folders_than_model_outputs(make_cfg, stop_at_fp_evaluation, 
             run(cfg)
 
 
+@pytest.mark.parametrize("role,bad", [("evaluation", "eval/b/1.png"), ("calibration", "calib/2.png")])
+def test_an_undecodable_image_is_named_before_the_fp_evaluation(make_cfg, stop_at_fp_evaluation, tmp_path, role,
+                                                                 bad):
+    """Every evaluation file's header is read when the folder is indexed; the calibration images drawn (here all
+    four) are decoded before the FP evaluation."""
+    write_images(tmp_path / "calib", 4)
+    for c in "ab":
+        write_images(tmp_path / "eval" / c, 2)
+    bad = tmp_path / bad
+    good = bad.read_bytes()
+    bad.write_bytes(b"not an image" * 20)
+    cfg = make_cfg(*FOLDER, f"data.root={tmp_path / 'calib'}", f"data.eval_root={tmp_path / 'eval'}")
+    with pytest.raises(PdqError, match=rf"^{role} image {re.escape(str(bad))} cannot be read: UnidentifiedImageError: "
+                                       r".*accepted: image files PIL can decode"):
+        run(cfg)
+    bad.write_bytes(good)
+    with pytest.raises(ReachedFPEvaluation):
+        run(cfg)
+
+
 def test_imagenet_without_root(make_cfg, no_heavy_work):
     fails(make_cfg, "data=imagenet", match=r"data.root is not set .*data=imagenet needs data.root=PATH")
 
