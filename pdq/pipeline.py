@@ -28,7 +28,7 @@ from pdq.distributed import Dist, state_sha256
 from pdq.errors import PdqError, instantiate
 from pdq.evaluate import evaluate, fp_top1
 from pdq.export.checkpoint import write_int_checkpoint
-from pdq.io import atomic_torch_save, atomic_write_json, no_space_as_error, write_files
+from pdq.io import atomic_torch_save, atomic_write_json, check_writable, write_errors_as_error, write_files
 from pdq.launch import session
 from pdq.loggers import check_logger, run_logger
 from pdq.methods import Method
@@ -40,7 +40,7 @@ from pdq.quant.graph import integer_plan, log_integer_plan
 from pdq.quant.layout import BitLayout
 from pdq.recon.units import log_unit_table
 from pdq.resume import begin_part, fingerprint, finished_results, load_resume_state, records_in, resume_dir
-from pdq.validate import check_writable, validate
+from pdq.validate import validate
 
 log = logging.getLogger("pdq")
 
@@ -93,7 +93,7 @@ def execute(cfg: DictConfig, model: torch.nn.Module | None = None,
         if cfg.calib.size > datamodule.train_size:
             raise PdqError(f"calib.size={cfg.calib.size} is larger than the training split "
                            f"({datamodule.train_size} images); accepted: 1..{datamodule.train_size}")
-        with records_in(out_dir, job_dir), session(cfg.trainer, out_dir) as dist, no_space_as_error(out_dir):
+        with records_in(out_dir, job_dir), session(cfg.trainer, out_dir) as dist, write_errors_as_error(out_dir):
             if resume_state is not None:
                 log.info("resuming %s after %d finished units", out_dir, len(resume_state["units"]))
             return run_ranks(Run(cfg, layout, method, datamodule, out_dir, resume_state, dist, t0, model, exporter))

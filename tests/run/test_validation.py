@@ -188,26 +188,48 @@ def test_run_dir_that_cannot_be_written(make_cfg, no_heavy_work, tmp_path):
     fails(make_cfg, f"paths.output_dir={blocker / 'run'}", match=r"the run dir .*a-file/run cannot be written")
 
 
+@pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
+def test_cli_run_dir_that_cannot_be_created_is_one_line_before_hydra_writes_into_it(tmp_path, key):
+    """Hydra creates the run (sweep) dir and writes its .hydra/ files before pdq's main starts: pdq's callback
+    checks the dir first."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    proc = run_cli(*(["-m"] if "sweep" in key else []), "method=rtn_minmax", "logger=none", f"{key}={blocker / 'run'}",
+                   timeout=120)
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    assert (proc.stdout + proc.stderr).splitlines() == [
+        f"pdq: error: the run dir {blocker / 'run'} cannot be written (Not a directory); accepted: a writable dir "
+        f"({key}=PATH, or resume= a writable run dir)"]
+
+
 def fake_results(cfg, *args, **kwargs):
     """quantize_and_evaluate without the work (for the end of a run)."""
     return {"quant_top1": 50.0, "config": {}}
 
 
-def test_full_disk_at_the_end_is_one_clear_error(make_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("error,message", [
+    ("ENOSPC", r"no space left to write into the run dir {run} .*: No space left on device; no partial file was left "
+               r"and the saved state is intact \(atomic writes\); free space and run again \(resume={run} continues"),
+    ("EACCES", r"the run dir {run} can no longer be written \({run}/results.json\): Permission denied; no partial file "
+               r"was left and the saved state is intact \(atomic writes\); make it writable and run again "
+               r"\(resume={run} continues"),
+])
+def test_full_disk_or_unwritable_run_dir_mid_run_is_one_clear_error(make_cfg, tmp_path, monkeypatch, error, message):
     import errno
 
     import pdq.pipeline as pipeline
 
     real = pipeline.atomic_write_json
+    code = getattr(errno, error)
 
-    def full(path, obj):
+    def failing(path, obj):
         if str(path).endswith("results.json"):
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise OSError(code, os.strerror(code), str(path))
         return real(path, obj)
 
     monkeypatch.setattr(pipeline, "quantize_and_evaluate", fake_results)
-    monkeypatch.setattr(pipeline, "atomic_write_json", full)
-    with pytest.raises(PdqError, match=r"no space left to write into the run dir .*No space left on device"):
+    monkeypatch.setattr(pipeline, "atomic_write_json", failing)
+    with pytest.raises(PdqError, match=message.format(run=re.escape(str(tmp_path)))):
         run(make_cfg(*SMALL))
     assert not (tmp_path / "results.json").exists() and not list(tmp_path.glob(".*.tmp"))
 
