@@ -23,6 +23,10 @@ def main(cfg: DictConfig) -> float:
         log.error("%s", e)
         print(f"pdq: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # Ctrl-C: pdq.process.Interrupted says what the run saved
+        log.warning("%s", e)
+        print(f"pdq: {e}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

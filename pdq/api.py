@@ -195,6 +195,7 @@ def quantize(model: nn.Module, calib, *, method: str = "pdquant", bits: str = "w
     Returns (the quantized torch.fx.GraphModule, the results dict of results.json)."""
     from pdq.distributed import world_size_of
     from pdq.pipeline import execute
+    from pdq.process import Interrupted
 
     if not isinstance(model, nn.Module):
         raise PdqError(f"model is {type(model).__name__}; accepted: a torch.nn.Module")
@@ -220,5 +221,11 @@ def quantize(model: nn.Module, calib, *, method: str = "pdquant", bits: str = "w
         cfg.paths.output_dir = str(Path(run_dir).expanduser())
         stack.enter_context(_console_logging())
         stack.enter_context(_modes_kept(model))
-        results, qmodel = execute(cfg, model=model, datamodule=TensorDataModule(images, eval_loader))
+        try:
+            results, qmodel = execute(cfg, model=model, datamodule=TensorDataModule(images, eval_loader))
+        except Interrupted:
+            if out_dir is None:  # the temporary dir goes with the saved state
+                raise Interrupted("interrupted; nothing kept to resume from (without out_dir=, pdq.quantize "
+                                  "writes into a temporary dir)") from None
+            raise
     return qmodel, results

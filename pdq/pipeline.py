@@ -14,6 +14,7 @@ import logging
 import resource
 import time
 from dataclasses import dataclass
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 
@@ -34,12 +35,20 @@ from pdq.loggers import check_logger, run_logger
 from pdq.methods import Method
 from pdq.mixed.sensitivity import model_cost
 from pdq.models.registry import check_forward, check_input
-from pdq.process import run_scope, seed_and_switches
+from pdq.process import interrupts_as, run_scope, seed_and_switches
 from pdq.quant import apply_layout, quantize_model
 from pdq.quant.graph import integer_plan, log_integer_plan
 from pdq.quant.layout import BitLayout
 from pdq.recon.units import log_unit_table
-from pdq.resume import begin_part, fingerprint, finished_results, load_resume_state, records_in, resume_dir
+from pdq.resume import (
+    begin_part,
+    fingerprint,
+    finished_results,
+    interrupted_message,
+    load_resume_state,
+    records_in,
+    resume_dir,
+)
 from pdq.validate import validate
 
 log = logging.getLogger("pdq")
@@ -69,9 +78,10 @@ def run(cfg: DictConfig) -> dict:
 def execute(cfg: DictConfig, model: torch.nn.Module | None = None,
             datamodule=None) -> tuple[dict, torch.nn.Module | None]:
     """(results, quantized model) of one run; `model` and `datamodule`, when given (`pdq.quantize`), are used
-    instead of building `cfg.model` and `cfg.data`. The model is None when a resumed run had finished."""
+    instead of building `cfg.model` and `cfg.data`. The model is None when a resumed run had finished. Ctrl-C
+    ends it with `pdq.process.Interrupted`, whose message says what the run saved and how to resume it."""
     t0 = time.time()
-    with run_scope():
+    with run_scope(), interrupts_as(partial(interrupted_message, cfg)):
         layout = validate(cfg, check_model=model is None)
         layout.check_run()
         done = finished_results(cfg)
