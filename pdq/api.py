@@ -67,7 +67,8 @@ def as_eval_loader(eval_data) -> DataLoader | None:
     what = (f"a {eval_data.dtype} tensor of shape {list(eval_data.shape)} (images without labels)"
             if isinstance(eval_data, torch.Tensor) else f"a {type(eval_data).__name__}")
     raise PdqError(f"eval_data is {what}; accepted: a DataLoader of (images, labels) batches, a Dataset of "
-                   f"(image, label) pairs, an (images, labels) pair of tensors of equal length, or None (no evaluation)")
+                   f"(image, label) pairs, an (images, labels) pair of tensors of equal length, or None (no "
+                   f"evaluation)")
 
 
 @contextlib.contextmanager
@@ -122,9 +123,9 @@ def resolve_key(cfg: DictConfig, key: str) -> str:
 
     sources = sorted({source(c) for c in found})
     if len(sources) > 1:
-        raise PdqError(f"quantize(..., {key}=...): {key!r} names {len(sources)} different settings ({', '.join(found)}); "
-                       f"accepted: the dotted key of the one meant, e.g. **{{{found[0]!r}: ...}} or "
-                       f"{found[0].replace('.', '__')}=...")
+        raise PdqError(f"quantize(..., {key}=...): {key!r} names {len(sources)} different settings "
+                       f"({', '.join(found)}); accepted: the dotted key of the one meant, e.g. "
+                       f"**{{{found[0]!r}: ...}} or {found[0].replace('.', '__')}=...")
     followers = [c for c in found if c != sources[0]]
     log.info("quantize(..., %s=...) sets %s%s", key, sources[0],
              f" (followed by {', '.join(followers)})" if followers else "")
