@@ -37,7 +37,8 @@ def main() -> None:
 
 
 def job(cfg) -> float:
-    """One Hydra job: the run of `cfg`; a `PdqError` is one line on stderr and exit status 2."""
+    """One Hydra job: the run of `cfg`; a `PdqError` is one line on stderr and exit status 2, Ctrl-C one line
+    saying what was saved and exit status 130."""
     from pdq.errors import PdqError
     from pdq.host_memory import keep_freed_memory
     from pdq.pipeline import run
@@ -50,3 +51,7 @@ def job(cfg) -> float:
         log.error("%s", e)
         print(f"pdq: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # Ctrl-C: pdq.process.Interrupted says what the run saved
+        log.warning("%s", e)
+        print(f"pdq: {e}", file=sys.stderr)
+        sys.exit(130)

@@ -56,17 +56,42 @@ def write_files(out_dir: str | os.PathLike, files: dict[str, Any]) -> list[Path]
             else atomic_write_json(Path(out_dir) / name, content) for name, content in files.items()]
 
 
+def check_writable(out_dir: Path, key: str = "hydra.run.dir") -> None:
+    """The run dir (created if need be) takes a file now, not only at the end of the work; `key` is the setting
+    that chooses it."""
+    from pdq.errors import PdqError
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".pdq-write-check-") as f:
+            f.write(b"pdq")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise PdqError(f"the run dir {out_dir} cannot be written ({e.strerror or type(e).__name__}); accepted: a "
+                       f"writable dir ({key}=PATH, or resume= a writable run dir)") from None
+
+
+def _inside(path: str | os.PathLike | None, folder: Path) -> bool:
+    return path is not None and Path(path).resolve().is_relative_to(folder.resolve())
+
+
 @contextlib.contextmanager
-def no_space_as_error(out_dir: Path) -> Iterator[None]:
-    """A full disk (or quota) while writing into the run dir is one clear error, not an OSError traceback."""
+def write_errors_as_error(out_dir: Path) -> Iterator[None]:
+    """A full disk (or quota) while writing into the run dir, or a run dir that can no longer be written (its
+    permissions changed, its file system read-only), is one clear error naming the path, not an OSError traceback:
+    the atomic writes leave no partial file, and the saved state (a reconstruction's `recon_state.pt`) as it was."""
     try:
         yield
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            what, remedy = f"no space left to write into the run dir {out_dir}", "free space"
+        elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and _inside(e.filename, out_dir):
+            what, remedy = f"the run dir {out_dir} can no longer be written", "make it writable"
+        else:
             raise
         from pdq.errors import PdqError
 
         where = f" ({e.filename})" if e.filename else ""
-        raise PdqError(f"no space left to write into the run dir {out_dir}{where}: {e.strerror}; no partial file "
-                       f"was left (atomic writes); free space and run again (resume={out_dir} continues a "
-                       f"reconstruction run)") from None
+        raise PdqError(f"{what}{where}: {e.strerror}; no partial file was left and the saved state is intact (atomic "
+                       f"writes); {remedy} and run again (resume={out_dir} continues a reconstruction run)") from None

@@ -14,6 +14,7 @@ import logging
 import resource
 import time
 from dataclasses import dataclass
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 
@@ -28,19 +29,27 @@ from pdq.distributed import Dist, state_sha256
 from pdq.errors import PdqError, instantiate
 from pdq.evaluate import evaluate, fp_top1
 from pdq.export.checkpoint import write_int_checkpoint
-from pdq.io import atomic_torch_save, atomic_write_json, no_space_as_error, write_files
+from pdq.io import atomic_torch_save, atomic_write_json, check_writable, write_errors_as_error, write_files
 from pdq.launch import session
 from pdq.loggers import check_logger, run_logger
 from pdq.methods import Method
 from pdq.mixed.sensitivity import model_cost
-from pdq.models.registry import check_input
-from pdq.process import run_scope, seed_and_switches
+from pdq.models.registry import check_forward, check_input
+from pdq.process import interrupts_as, run_scope, seed_and_switches
 from pdq.quant import apply_layout, quantize_model
 from pdq.quant.graph import integer_plan, log_integer_plan
 from pdq.quant.layout import BitLayout
 from pdq.recon.units import log_unit_table
-from pdq.resume import begin_part, fingerprint, finished_results, load_resume_state, records_in, resume_dir
-from pdq.validate import check_writable, validate
+from pdq.resume import (
+    begin_part,
+    fingerprint,
+    finished_results,
+    interrupted_message,
+    load_resume_state,
+    records_in,
+    resume_dir,
+)
+from pdq.validate import validate
 
 log = logging.getLogger("pdq")
 
@@ -69,9 +78,10 @@ def run(cfg: DictConfig) -> dict:
 def execute(cfg: DictConfig, model: torch.nn.Module | None = None,
             datamodule=None) -> tuple[dict, torch.nn.Module | None]:
     """(results, quantized model) of one run; `model` and `datamodule`, when given (`pdq.quantize`), are used
-    instead of building `cfg.model` and `cfg.data`. The model is None when a resumed run had finished."""
+    instead of building `cfg.model` and `cfg.data`. The model is None when a resumed run had finished. Ctrl-C
+    ends it with `pdq.process.Interrupted`, whose message says what the run saved and how to resume it."""
     t0 = time.time()
-    with run_scope():
+    with run_scope(), interrupts_as(partial(interrupted_message, cfg)):
         layout = validate(cfg, check_model=model is None)
         layout.check_run()
         done = finished_results(cfg)
@@ -93,7 +103,7 @@ def execute(cfg: DictConfig, model: torch.nn.Module | None = None,
         if cfg.calib.size > datamodule.train_size:
             raise PdqError(f"calib.size={cfg.calib.size} is larger than the training split "
                            f"({datamodule.train_size} images); accepted: 1..{datamodule.train_size}")
-        with records_in(out_dir, job_dir), session(cfg.trainer, out_dir) as dist, no_space_as_error(out_dir):
+        with records_in(out_dir, job_dir), session(cfg.trainer, out_dir) as dist, write_errors_as_error(out_dir):
             if resume_state is not None:
                 log.info("resuming %s after %d finished units", out_dir, len(resume_state["units"]))
             return run_ranks(Run(cfg, layout, method, datamodule, out_dir, resume_state, dist, t0, model, exporter))
@@ -116,13 +126,15 @@ def run_ranks(run: Run) -> tuple[dict, torch.nn.Module]:
     device = resolve_device(cfg, dist)
     wall_before = begin_part(run.out_dir, run.resume_state is not None, run.t0) if dist.main else 0.0
     with run_logger(cfg, run.resume_state is not None, enabled=dist.main) as logger:  # rank 0 logs
-        model = (run.model if run.model is not None else instantiate(cfg.model)).eval().to(device)
+        model = run.model if run.model is not None else instantiate(cfg.model)
+        check_forward(model)
+        model = model.eval().to(device)
         qmodel = quantize_model(model, backend=run.layout.backend).to(device)
         table = run.layout.resolve(qmodel)  # cheap: a bad per-layer name fails before the data
         apply_layout(qmodel, table)
         run.datamodule.setup()
         sample = run.datamodule.calibration_set(1, cfg.seed)
-        check_input(model, sample[0].to(device), run.datamodule.name)
+        check_input(model, sample[0].to(device), run.datamodule)
         if run.exporter is not None and dist.main:
             run.exporter.check(qmodel, list(sample.shape[1:]), table)
         calib = run.datamodule.calibration_set(cfg.calib.size, cfg.seed)

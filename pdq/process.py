@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+import signal
+import threading
+from collections.abc import Callable, Iterator
 
 import lightning as L
 import torch
@@ -59,3 +61,41 @@ def seed_and_switches(cfg: DictConfig) -> None:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.use_deterministic_algorithms(bool(cfg.trainer.deterministic), warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = False
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during a run, with one line saying what the run saved and how to resume it (run.py prints
+    it and exits with status 130)."""
+
+
+class _Stop(BaseException):
+    """Raised by `interrupts_as`'s SIGINT handler. Not a KeyboardInterrupt, which Lightning's fit turns into
+    sys.exit(1) (and ignores Ctrl-C from then on): a BaseException goes through Lightning's teardown and on, as
+    through every `except Exception` on the way."""
+
+
+@contextlib.contextmanager
+def interrupts_as(message: Callable[[], str]) -> Iterator[None]:
+    """Ctrl-C inside the block ends it with `Interrupted(message())`, wherever it came (a unit's fit included).
+    The SIGINT handler is this process's for the block only, in the main thread only (where Python runs signal
+    handlers); not where SIGINT is ignored (a background job); a process forked inside the block (a data loader
+    worker) gets Python's usual KeyboardInterrupt; a second Ctrl-C while the first is handled too."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous == signal.SIG_IGN:
+        yield
+        return
+    owner = os.getpid()
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if os.getpid() != owner:
+            raise KeyboardInterrupt
+        raise _Stop
+
+    signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    except (_Stop, KeyboardInterrupt):
+        raise Interrupted(message()) from None
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)

@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import logging
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,12 +105,17 @@ def read_state(path: Path, resume: str) -> dict:
     return state
 
 
+def writes_to(cfg: DictConfig) -> Path:
+    """The run's dir: the interrupted run's when it resumes one (`resume=auto`: its own), else its output dir."""
+    return resume_dir(cfg) if cfg.resume else Path(cfg.paths.output_dir)
+
+
 def load_resume_state(cfg: DictConfig) -> tuple[Path, dict | None]:
     """(output dir, saved state or None). A resumed run writes into the interrupted run's dir; `resume=auto`
     resumes from this run's own dir when it holds a saved state, and starts afresh otherwise."""
+    run_dir = writes_to(cfg)
     if not cfg.resume:
-        return Path(cfg.paths.output_dir), None
-    run_dir = resume_dir(cfg)
+        return run_dir, None
     if cfg.resume == "auto" and not (run_dir / STATE_FILE).is_file():
         return run_dir, None
     state = read_state(run_dir / STATE_FILE, cfg.resume)
@@ -118,6 +124,34 @@ def load_resume_state(cfg: DictConfig) -> tuple[Path, dict | None]:
         raise PdqError(f"resume={cfg.resume}: the interrupted run in {run_dir} was made with other settings "
                        f"({'; '.join(diff)}); resume with the interrupted run's overrides")
     return run_dir, state
+
+
+def saved_unit(run_dir: Path) -> tuple[int, int] | None:
+    """(phase, unit) of the last unit the state saved in `run_dir` holds, or None where there is no readable
+    one (read memory-mapped: the state dict's tensors are not loaded)."""
+    try:
+        state = torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+        return int(state["phase"]), int(state["index"])
+    except Exception:  # missing, cut short, not a saved state
+        return None
+
+
+def interrupted_message(cfg: DictConfig) -> str:
+    """What an interrupted run (Ctrl-C) leaves, in one line: the saved state it resumes from, and the command
+    that resumes it (the `pdq` command with this run's overrides, from Hydra), or that there is nothing to resume."""
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = writes_to(cfg)
+    saved = saved_unit(run_dir)
+    if saved is None:
+        return "interrupted before any unit finished; nothing to resume"
+    if HydraConfig.initialized():
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
+        how = f"`{shlex.join(['pdq', *overrides, f'resume={run_dir}'])}`"
+    else:
+        how = f"the same settings and resume={run_dir}"
+    return (f"interrupted: saved {STATE_FILE} after phase {saved[0]} unit {saved[1]} in {run_dir}; resume with "
+            f"{how}")
 
 
 def _metrics_files(logger) -> tuple[Path, Path] | None:

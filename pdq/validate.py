@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -101,16 +99,3 @@ def validate(cfg: DictConfig, check_model: bool = True) -> BitLayout:
             raise PdqError(f"calib.{key}={cfg.calib[key]} does not split evenly over {world} processes "
                            f"(trainer.devices x trainer.num_nodes); accepted: a multiple of {world}")
     return layout
-
-
-def check_writable(out_dir: Path) -> None:
-    """The run dir takes a file now, not only at the end of the work."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".pdq-write-check-") as f:
-            f.write(b"pdq")
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise PdqError(f"the run dir {out_dir} cannot be written ({e.strerror or type(e).__name__}); accepted: a "
-                       f"writable dir (hydra.run.dir=PATH, or resume= a writable run dir)") from None

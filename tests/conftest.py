@@ -19,7 +19,7 @@ EVAL = 256  # Fashion-MNIST test images per parity check
 
 #: names whose use makes a test `heavy`: it runs pdq's pipeline (in this process or in a subprocess) or spawns
 #: processes
-HEAVY = {"run", "execute", "quantize", "run_cli", "kill_after_unit", "subprocess", "runs", "spawn"}
+HEAVY = {"run", "execute", "quantize", "run_cli", "kill_after_unit", "interrupt_at", "subprocess", "runs", "spawn"}
 
 
 def _names(code) -> set[str]:
@@ -139,6 +139,42 @@ def kill_after_unit(run_dir: Path, *args: str, index: int = 3, **env_vars: str) 
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def interrupt_at(run_dir: Path, *args: str, line: str, ready=lambda: True,
+                 **env_vars: str) -> subprocess.CompletedProcess:
+    """Start `python run.py ARGS hydra.run.dir=RUN_DIR` and send its process group SIGINT, as Ctrl-C in a terminal
+    does, once it has logged a line matching `line` and then `ready()` holds; returns the ended process (stdout,
+    stderr and exit status)."""
+    import re
+    import tempfile
+    import time
+
+    pattern = re.compile(line)
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", **env_vars}
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: the run never waits on a full stderr pipe
+        proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args, f"hydra.run.dir={run_dir}"], env=env,
+                                stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+        try:
+            seen = []
+            for out in proc.stdout:
+                seen.append(out)
+                if pattern.search(out):
+                    break
+            else:
+                raise AssertionError(f"the run ended (rc {proc.wait()}) before it logged {line!r}")
+            deadline = time.monotonic() + 300
+            while not ready():
+                assert proc.poll() is None and time.monotonic() < deadline, "the run ended, or took too long"
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGINT)
+            seen.append(proc.communicate(timeout=300)[0])
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        err.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(seen), err.read())
 
 
 def glibc() -> bool:

@@ -4,6 +4,7 @@ to evaluate on."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +20,17 @@ from pdq.data.settings import check_eval_subset, resolve_num_workers
 from pdq.errors import PdqError, cause
 
 
+def open_image(path: str | Path, mode: str | None = None, role: str = "image") -> Image.Image | None:
+    """The image at `path` decoded and converted to `mode`; with no `mode`, only its header is read (cheap: the
+    check of a file before the work). A file PIL cannot read is one error naming it."""
+    try:
+        with Image.open(path) as im:
+            return im.convert(mode) if mode else None
+    except OSError as e:  # PIL's UnidentifiedImageError included
+        raise PdqError(f"{role} {path} cannot be read: {cause(e)}; accepted: image files PIL can decode "
+                       f"({', '.join(IMG_EXTENSIONS)}): replace or remove it") from None
+
+
 class _Images(Dataset):
     def __init__(self, files: list[Path], transform, mode: str):
         self.files, self.transform, self.mode = files, transform, mode
@@ -27,11 +39,7 @@ class _Images(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        try:
-            with Image.open(self.files[i]) as im:
-                return self.transform(im.convert(self.mode))
-        except OSError as e:
-            raise PdqError(f"calibration image {self.files[i]} cannot be read: {cause(e)}") from None
+        return self.transform(open_image(self.files[i], self.mode, "calibration image"))
 
 
 class FolderDataModule(L.LightningDataModule):
@@ -96,11 +104,23 @@ class FolderDataModule(L.LightningDataModule):
             return
         try:
             self._eval = datasets.ImageFolder(str(Path(self.eval_root).expanduser()), transform=self.transform,
-                                              loader=lambda p: Image.open(p).convert(self.mode))
+                                              loader=partial(open_image, mode=self.mode, role="evaluation image"))
         except (FileNotFoundError, OSError) as e:
             raise PdqError(f"data.eval_root={self.eval_root!r}: {cause(e)}") from None
         if self.eval_subset is not None:
             check_eval_subset(self.eval_subset, len(self._eval))
+        for path, _ in self._eval.samples[:self.eval_subset]:  # the files evaluated: their headers, now
+            open_image(path, role="evaluation image")
+
+    @property
+    def num_classes(self) -> int | None:
+        """The evaluation classes (one folder each under `eval_root`); None without an evaluation set."""
+        self.setup()
+        return None if self._eval is None else len(self._eval.classes)
+
+    @property
+    def classes_from(self) -> str:
+        return f"the class folders of data.eval_root={self.eval_root!r}"
 
     @property
     def train_size(self) -> int:

@@ -77,6 +77,10 @@ class ImageNetDataModule(L.LightningDataModule):
         return len(self._train.classes)
 
     @property
+    def classes_from(self) -> str:
+        return f"the class folders of data.root={self.root!r}"
+
+    @property
     def train_size(self) -> int:
         self.setup()
         return len(self._train)

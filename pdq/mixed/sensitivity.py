@@ -48,13 +48,17 @@ def measure(gm: fx.GraphModule, images: torch.Tensor, *, weight_bits: list[int],
             skip: set[str] = frozenset()) -> dict[str, dict[str, dict[int, float]]]:
     """{"weights": {layer: {bits: PD loss}}, "acts": {quantizer: {bits: PD loss}}} of the quantized graph `gm`
     (left as it is: the measurement works on a copy) on `images`, for every layer not in `skip`."""
+    layers = [n for n in quant_layer_names(gm) if n not in skip]
+    log.info("sensitivity: measuring %d layers at %s weight bits%s on %d images", len(layers), list(weight_bits),
+             f" and {len(act_quant_names(gm))} activation quantizers at {list(act_bits)} bits" if act_bits else "",
+             len(images))
     g = copy.deepcopy(gm).eval()
     for q in g.modules():
         if isinstance(q, FakeQuantizer):
             q.enabled = False
     fp = batched_logits(g, images, batch_size)
     table = {"weights": {}, "acts": {}}
-    for name in [n for n in quant_layer_names(g) if n not in skip]:
+    for name in layers:
         layer = g.get_submodule(name)
         wq, row = layer.weight_quant, {}
         for bits in weight_bits:

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 import torchvision
+from omegaconf import ListConfig, OmegaConf
 from torch import nn
 
 from pdq.errors import PdqError, cause
@@ -57,6 +59,11 @@ def check_model_name(name: str) -> None:
 def check_model_config(model_cfg) -> None:
     """Cheap checks of the model config before anything is loaded: a known name, or an importable target."""
     if str(model_cfg.get("_target_", "")).endswith("build_custom"):
+        kwargs = model_cfg.get("kwargs")
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            shown = OmegaConf.to_container(kwargs) if isinstance(kwargs, ListConfig) else kwargs
+            raise PdqError(f"model.kwargs={shown!r} is not accepted; accepted: a mapping of keyword arguments, "
+                           f"e.g. model.kwargs={{num_classes:10}}")
         if model_cfg.get("target"):
             _import_target(model_cfg.target)
         elif not model_cfg.get("checkpoint"):
@@ -75,10 +82,30 @@ def expected_input(model: nn.Module) -> str:
     return "it has no Conv2d"
 
 
+def check_forward(model: nn.Module) -> None:
+    """The model takes one image batch, in float32, as its forward's signature and its parameters say: checked
+    as soon as the model is built, before it is traced or any data is loaded (a model with two inputs, or in
+    float16, would otherwise fail `check_input` as a channel mismatch)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C forward: nothing to read
+        params = []
+    inputs = [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(inputs) > 1:
+        raise PdqError(f"the model's forward takes {len(inputs)} inputs ({', '.join(inputs)}); accepted: a model whose "
+                       f"forward takes one image batch")
+    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()} - {torch.float32}
+    if dtypes:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        raise PdqError(f"the model's parameters are {names}; accepted: a float32 model (call model.float())")
+
+
 @torch.no_grad()
-def check_input(model: nn.Module, image: torch.Tensor, data: str) -> None:
+def check_input(model: nn.Module, image: torch.Tensor, datamodule) -> None:
     """One calibration image through the float model before any heavy work: a shape or channel mismatch
-    is one error naming both sides; the model must return [N, classes] logits."""
+    is one error naming both sides; the model must return [N, classes] logits, at least as many as the data
+    module's evaluation classes (its `num_classes`, where it has one; `classes_from` says where they come from)."""
+    data = datamodule.name
     try:
         out = model(image[None])
     except Exception as e:
@@ -89,6 +116,13 @@ def check_input(model: nn.Module, image: torch.Tensor, data: str) -> None:
         got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise PdqError(f"{type(model).__name__} returns {got} for one image; accepted: a model that returns logits "
                        f"of shape [N, classes]")
+    classes, outputs = getattr(datamodule, "num_classes", None), out.shape[1]
+    if classes is not None and classes > outputs:
+        where = getattr(datamodule, "classes_from", "its labels")
+        raise PdqError(f"data={data} has {classes} evaluation classes ({where}) but the model has {outputs} outputs: "
+                       f"the images of the last {classes - outputs} classes could never be predicted and top-1 would "
+                       f"be wrong; accepted: at most {outputs} classes, in the order of the model's outputs (fewer "
+                       f"are fine)")
 
 
 def _expected_sha256(path: Path) -> str | None:

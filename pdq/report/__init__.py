@@ -22,7 +22,8 @@ Runs of one method that differ in iterations, calibration or evaluation images a
 e.g. `qdrop (100 it, 256 calib)`; runs of one method, model and bits that differ in another setting that
 changes a result (method keys, `quant.*` overrides, `calib.*`, process count) get it in brackets, e.g.
 `pdquant [dc.chunk=32]`. Job dirs without a readable `results.json` (failed, still running, or lacking a
-field the tables need) are listed under "Missing or failed runs".
+field the tables need) are listed under "Missing or failed runs". Dirs that hold no job dir at all are an error
+(exit 2, nothing written).
 
 Modules: `collect` (job dirs, results.json, missing runs), `labels` (run labels and orders), `tables`
 (Markdown/CSV tables), `plots` (PNG plots), `cli` (argument parsing and `main`)."""

@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path(args.dirs[0]) / "report"
 
     results, missing = collect(args.dirs)
+    if not results and not missing:
+        print(f"pdq-report: error: no runs in {', '.join(args.dirs)}; accepted: a run dir, a Hydra sweep dir or "
+              f"any folder holding run dirs (with .hydra/ or results.json); nothing was written", file=sys.stderr)
+        return 2
     label_runs(results)
     texts = {"by_model": by_model(results)}
     texts["paper"], csv_rows = paper_table(results, missing)

@@ -2,6 +2,7 @@
 runs on them, and a user's own model goes in from the command line or from Python."""
 
 import json
+import logging
 import os
 import re
 from functools import partial
@@ -179,6 +180,15 @@ class SENet(nn.Module):
 
 def senet(**kwargs):
     return SENet(**kwargs)
+
+
+def senet_half(**kwargs):
+    return SENet(**kwargs).half()
+
+
+class TwoInputs(SENet):
+    def forward(self, x, mask):
+        return super().forward(x * mask)
 '''
 
 
@@ -258,6 +268,54 @@ def test_python_api_overrides_and_calibration_inputs(tmp_path):
     assert r["config"]["quant"]["w_bits"] == 8 and r["unit_table"] == []
 
 
+def test_plain_override_names_name_one_setting_or_are_refused_naming_the_keys(caplog, monkeypatch):
+    """A plain name found at several keys is one setting where the others follow it (`temperature` under
+    quant=mixed: method.temperature and quant.temperature follow model.ptq.temperature), whatever the method;
+    two different settings (calib.batch_size, quant.batch_size) make it an error. The key set is logged."""
+    from pdq.api import compose
+
+    with caplog.at_level(logging.INFO, logger="pdq"):
+        cfg, keys = compose("pdquant", "mixed", {"temperature": 2.0, "iters": 3})
+    assert keys == {"model.ptq.temperature", "model.ptq.iters"}
+    assert (cfg.method.temperature, cfg.quant.temperature, cfg.method.iters) == (2.0, 2.0, 3)
+    assert "temperature=...) sets model.ptq.temperature (followed by method.temperature, quant.temperature)" \
+        in caplog.text and "iters=...) sets model.ptq.iters (followed by method.iters)" in caplog.text
+    assert compose("rtn_mse", "mixed", {"temperature": 2.0})[1] == {"model.ptq.temperature"}
+    assert compose("pdquant", "w4a4", {"batch_size": 4, "calib_size": 8})[1] == {"calib.batch_size", "calib.size"}
+    monkeypatch.setattr("pdq.pipeline.execute", lambda *a, **k: pytest.fail("the run started"))
+    with pytest.raises(PdqError, match=r"quantize\(..., batch_size=...\): 'batch_size' names 2 different settings "
+                                       r"\(calib.batch_size, quant.batch_size\); accepted: the dotted key of the one "
+                                       r"meant, e.g. \*\*\{'calib.batch_size': ...\} or calib__batch_size=..."):
+        pdq.quantize(nn.Conv2d(3, 4, 3), torch.randn(8, 3, 8, 8), bits="mixed", batch_size=4)
+
+
+def test_eval_data_forms_and_a_bare_tensor_refused_before_the_work(monkeypatch):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+    model(torch.randn(1, 3, 8, 8))
+    images, labels = torch.randn(8, 3, 8, 8), torch.arange(8)
+    _, r = pdq.quantize(model, images, method="rtn_minmax", bits="w8a8", eval_data=(images, labels))
+    assert r["eval_images"] == 8 and r["quant_top1"] is not None
+    monkeypatch.setattr("pdq.pipeline.execute", lambda *a, **k: pytest.fail("the run started"))
+    with pytest.raises(PdqError, match=r"eval_data is a torch.float32 tensor of shape \[8, 3, 8, 8\] \(images without "
+                                       r"labels\); accepted: a DataLoader of \(images, labels\) batches, a Dataset"):
+        pdq.quantize(model, images, eval_data=images)
+    with pytest.raises(PdqError, match=r"eval_data is a str; accepted"):
+        pdq.quantize(model, images, eval_data="/some/folder")
+
+
+def test_the_callers_model_keeps_its_train_and_eval_modes():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+    model(torch.randn(2, 3, 8, 8))
+    model.train()
+    model[1].eval()  # a frozen BatchNorm inside a model in training
+    modes = [m.training for m in model.modules()]
+    pdq.quantize(model, torch.randn(8, 3, 8, 8), method="rtn_minmax", bits="w8a8")
+    assert [m.training for m in model.modules()] == modes
+    with pytest.raises(PdqError, match="the model does not take"):  # an error after the run put it in eval mode
+        pdq.quantize(model, torch.randn(8, 1, 8, 8), method="rtn_minmax", bits="w8a8")
+    assert [m.training for m in model.modules()] == modes
+
+
 @pytest.mark.parametrize("case,message", [
     ("channels", r"the model does not take data=fashion_mnist's images: they are \[1, 28, 28\] \(C x H x W\), and its "
                  r"first conv stem.0 takes 3 input channels"),
@@ -283,6 +341,25 @@ def test_user_model_errors_are_one_clear_line(user_pkg, make_cfg, tmp_path, case
         run(make_cfg("model=custom", *args, *QUICK))
     assert re.search(message, str(error.value)) and "\n" not in str(error.value), str(error.value)
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("target,message", [
+    ("TwoInputs", r"the model's forward takes 2 inputs \(x, mask\); accepted: a model whose forward takes one image "
+                  r"batch"),
+    ("senet_half", r"the model's parameters are float16; accepted: a float32 model \(call model.float\(\)\)"),
+])
+def test_a_model_with_two_inputs_or_in_float16_is_named_as_such(user_pkg, make_cfg, monkeypatch, target, message):
+    """Not as a channel mismatch: from the command line's model.target and from pdq.quantize, as soon as the
+    model is built (before it is traced or any data is loaded)."""
+    import my_models
+
+    from pdq.pipeline import run
+
+    monkeypatch.setattr("pdq.pipeline.quantize_model", lambda *a, **k: pytest.fail("the model was traced"))
+    with pytest.raises(PdqError, match=message):
+        run(make_cfg("model=custom", f"model.target=my_models.{target}", *QUICK))
+    with pytest.raises(PdqError, match=message):
+        pdq.quantize(getattr(my_models, target)(), torch.randn(4, 1, 16, 16), method="rtn_minmax")
 
 
 def test_whole_module_checkpoint_loads_only_when_trusted(user_pkg, tmp_path):

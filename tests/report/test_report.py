@@ -387,6 +387,16 @@ def test_real_multirun_table_cells_plots_and_failed_job(tiny_multirun, capsys):
     assert "| qdrop | W4A4 |" in (out / "pareto.md").read_text()
 
 
+def test_a_folder_without_runs_is_one_error_line_and_writes_nothing(tmp_path, capsys):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not a run")
+    assert main([str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"pdq-report: error: no runs in {tmp_path}; accepted: a run dir, a Hydra sweep dir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]  # no report/ dir, no tables
+
+
 def test_console_script_and_module_entry_point(tmp_path):
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")

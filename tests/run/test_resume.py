@@ -2,6 +2,7 @@
 wall time) in the run's own dir, refusals naming the differing keys, corrupt saved states, finished runs."""
 
 import json
+import shlex
 
 import pytest
 import torch
@@ -9,8 +10,16 @@ from omegaconf import OmegaConf
 
 from pdq.errors import PdqError
 from pdq.pipeline import run
-from pdq.resume import EARLIER_METRICS, STATE_FILE, WALL_FILE, begin_part, fingerprint, settings_diff
-from tests.conftest import kill_after_unit, run_cli
+from pdq.resume import (
+    EARLIER_METRICS,
+    STATE_FILE,
+    WALL_FILE,
+    begin_part,
+    fingerprint,
+    load_resume_state,
+    settings_diff,
+)
+from tests.conftest import interrupt_at, kill_after_unit, run_cli
 from tests.run.test_validation import no_heavy_work  # noqa: F401  (fixture)
 
 SHORT = ["model=resnet20_fmnist", "calib.size=128", "calib.act_init_size=64", "data.eval_subset=1000",
@@ -52,6 +61,40 @@ def test_kill_after_unit_k_then_resume_matches_uninterrupted(make_cfg, tmp_path)
     rows = (killed / "csv" / "metrics.csv").read_text().splitlines()[1:]
     assert len(rows) > len(first_rows) > 0 and not (killed / "csv" / EARLIER_METRICS).exists()
     assert not (other / "csv").exists() and not (other / "results.json").exists()
+
+
+def test_ctrl_c_during_a_units_fit_is_one_line_naming_what_to_resume_and_exits_130(make_cfg, tmp_path):
+    """SIGINT inside a unit's Lightning fit (under way: its first loss terms are in the CSV log, written at every
+    logging step): one line naming the saved state and the command that resumes it, no traceback, exit status
+    130; the printed command resumes it."""
+    run_dir = tmp_path / "run"
+    args = [*SHORT[:-1], "method=qdrop", "method.iters=1000", "quant=w2a4", "logger=csv",
+            "++logger.flush_logs_every_n_steps=1", "paths.cache_dir=null"]
+    metrics = run_dir / "csv" / "metrics.csv"
+    proc = interrupt_at(run_dir, *args, line=r"saved recon_state.pt after phase 0 unit 0 ",
+                        ready=lambda: metrics.is_file() and "u01_" in metrics.read_text().partition("\n")[0])
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    command = f"pdq {shlex.join(args)} resume={run_dir}"
+    assert [line for line in proc.stderr.splitlines() if "interrupted" in line] == [
+        f"pdq: interrupted: saved {STATE_FILE} after phase 0 unit 0 in {run_dir}; resume with `{command}`"]
+    state = torch.load(run_dir / STATE_FILE, weights_only=True)
+    assert (state["phase"], state["index"], len(state["units"])) == (0, 0, 1)
+    assert not (run_dir / "results.json").exists()
+    resumed_dir, resumed = load_resume_state(make_cfg(*shlex.split(command)[1:]))  # the same settings: it resumes
+    assert resumed_dir == run_dir and len(resumed["units"]) == 1
+
+
+def test_ctrl_c_during_the_sensitivity_measurement_is_one_line_and_exits_130(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [o.replace("calib.size=128", "calib.size=512") for o in SHORT]  # a measurement of several seconds
+    proc = interrupt_at(run_dir, *args, "quant=mixed", "quant.budget.avg_w_bits=3", "method=qdrop",
+                        "paths.cache_dir=null", line=r"sensitivity: measuring")
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert [line for line in proc.stderr.splitlines() if "interrupted" in line] == [
+        "pdq: interrupted before any unit finished; nothing to resume"]
+    assert not (run_dir / STATE_FILE).exists() and not (run_dir / "results.json").exists()
 
 
 def test_resume_refuses_other_settings_naming_the_keys(make_cfg, tmp_path):

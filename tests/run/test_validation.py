@@ -7,11 +7,13 @@ import json
 import logging
 import os
 import re
+import shutil
 import struct
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pdq.data import FashionMNISTDataModule, ImageNetDataModule
 from pdq.data import fashion_mnist as fm
@@ -109,6 +111,73 @@ def test_truncated_gz_data_names_the_file(make_cfg, tmp_path):
                      "calib.act_init_size=8", "method=rtn_minmax", "logger=none"))
 
 
+@pytest.mark.parametrize("value,shown", [("5", "5"), ("[1,2]", r"\[1, 2\]")])
+def test_model_kwargs_that_is_not_a_mapping(make_cfg, no_heavy_work, value, shown):
+    fails(make_cfg, "model=custom", "model.target=torch.nn.Linear", f"model.kwargs={value}",
+          match=rf"model.kwargs={shown} is not accepted; accepted: a mapping of keyword arguments, e.g. "
+                r"model.kwargs=\{num_classes:10\}")
+
+
+def write_images(folder, n, size=28, seed=0):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+#: data=folder for the embedded ResNet-20 (10 outputs, one 28x28 channel), with 4 calibration images
+FOLDER = ["data=folder", "data.image_size=28", "data.channels=1", "data.mean=[0.286]", "data.std=[0.353]",
+          "calib.size=4", "calib.batch_size=4", "calib.act_init_size=4", "method=rtn_minmax", "logger=none"]
+
+
+class ReachedFPEvaluation(Exception):
+    pass
+
+
+@pytest.fixture
+def stop_at_fp_evaluation(monkeypatch):
+    def fp_top1(*args, **kwargs):
+        raise ReachedFPEvaluation
+
+    monkeypatch.setattr("pdq.pipeline.fp_top1", fp_top1)
+
+
+def test_more_class_folders_than_model_outputs(make_cfg, stop_at_fp_evaluation, tmp_path):
+    write_images(tmp_path / "calib", 4)
+    for c in range(11):
+        write_images(tmp_path / "eval" / f"class{c:02d}", 1, seed=c)
+    cfg = make_cfg(*FOLDER, f"data.root={tmp_path / 'calib'}", f"data.eval_root={tmp_path / 'eval'}")
+    with pytest.raises(PdqError, match=rf"data=folder has 11 evaluation classes \(the class folders of "
+                                       rf"data.eval_root='{re.escape(str(tmp_path / 'eval'))}'\) but the model has 10 "
+                                       rf"outputs: .*accepted: at most 10 classes"):
+        run(cfg)
+    for keep in (10, 2):  # as many classes as outputs, or fewer: the run goes on to the FP evaluation
+        for c in range(keep, 11):
+            shutil.rmtree(tmp_path / "eval" / f"class{c:02d}", ignore_errors=True)
+        with pytest.raises(ReachedFPEvaluation):
+            run(cfg)
+
+
+@pytest.mark.parametrize("role,bad", [("evaluation", "eval/b/1.png"), ("calibration", "calib/2.png")])
+def test_an_undecodable_image_is_named_before_the_fp_evaluation(make_cfg, stop_at_fp_evaluation, tmp_path, role,
+                                                                 bad):
+    """Every evaluation file's header is read when the folder is indexed; the calibration images drawn (here all
+    four) are decoded before the FP evaluation."""
+    write_images(tmp_path / "calib", 4)
+    for c in "ab":
+        write_images(tmp_path / "eval" / c, 2)
+    bad = tmp_path / bad
+    good = bad.read_bytes()
+    bad.write_bytes(b"not an image" * 20)
+    cfg = make_cfg(*FOLDER, f"data.root={tmp_path / 'calib'}", f"data.eval_root={tmp_path / 'eval'}")
+    with pytest.raises(PdqError, match=rf"^{role} image {re.escape(str(bad))} cannot be read: UnidentifiedImageError: "
+                                       r".*accepted: image files PIL can decode"):
+        run(cfg)
+    bad.write_bytes(good)
+    with pytest.raises(ReachedFPEvaluation):
+        run(cfg)
+
+
 def test_imagenet_without_root(make_cfg, no_heavy_work):
     fails(make_cfg, "data=imagenet", match=r"data.root is not set .*data=imagenet needs data.root=PATH")
 
@@ -119,26 +188,48 @@ def test_run_dir_that_cannot_be_written(make_cfg, no_heavy_work, tmp_path):
     fails(make_cfg, f"paths.output_dir={blocker / 'run'}", match=r"the run dir .*a-file/run cannot be written")
 
 
+@pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
+def test_cli_run_dir_that_cannot_be_created_is_one_line_before_hydra_writes_into_it(tmp_path, key):
+    """Hydra creates the run (sweep) dir and writes its .hydra/ files before pdq's main starts: pdq's callback
+    checks the dir first."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    proc = run_cli(*(["-m"] if "sweep" in key else []), "method=rtn_minmax", "logger=none", f"{key}={blocker / 'run'}",
+                   timeout=120)
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    assert (proc.stdout + proc.stderr).splitlines() == [
+        f"pdq: error: the run dir {blocker / 'run'} cannot be written (Not a directory); accepted: a writable dir "
+        f"({key}=PATH, or resume= a writable run dir)"]
+
+
 def fake_results(cfg, *args, **kwargs):
     """quantize_and_evaluate without the work (for the end of a run)."""
     return {"quant_top1": 50.0, "config": {}}
 
 
-def test_full_disk_at_the_end_is_one_clear_error(make_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("error,message", [
+    ("ENOSPC", r"no space left to write into the run dir {run} .*: No space left on device; no partial file was left "
+               r"and the saved state is intact \(atomic writes\); free space and run again \(resume={run} continues"),
+    ("EACCES", r"the run dir {run} can no longer be written \({run}/results.json\): Permission denied; no partial file "
+               r"was left and the saved state is intact \(atomic writes\); make it writable and run again "
+               r"\(resume={run} continues"),
+])
+def test_full_disk_or_unwritable_run_dir_mid_run_is_one_clear_error(make_cfg, tmp_path, monkeypatch, error, message):
     import errno
 
     import pdq.pipeline as pipeline
 
     real = pipeline.atomic_write_json
+    code = getattr(errno, error)
 
-    def full(path, obj):
+    def failing(path, obj):
         if str(path).endswith("results.json"):
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise OSError(code, os.strerror(code), str(path))
         return real(path, obj)
 
     monkeypatch.setattr(pipeline, "quantize_and_evaluate", fake_results)
-    monkeypatch.setattr(pipeline, "atomic_write_json", full)
-    with pytest.raises(PdqError, match=r"no space left to write into the run dir .*No space left on device"):
+    monkeypatch.setattr(pipeline, "atomic_write_json", failing)
+    with pytest.raises(PdqError, match=message.format(run=re.escape(str(tmp_path)))):
         run(make_cfg(*SMALL))
     assert not (tmp_path / "results.json").exists() and not list(tmp_path.glob(".*.tmp"))
 
