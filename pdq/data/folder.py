@@ -56,6 +56,7 @@ class FolderDataModule(L.LightningDataModule):
                  num_workers: int | None = None):
         super().__init__()
         self.root, self.eval_root = root, eval_root
+        self.classes_from = f"the class folders of data.eval_root={eval_root!r}"  # for check_input's message
         self.image_size = check_int("data.image_size", image_size, 1)
         self.resize = check_int("data.resize", resize if resize is not None else image_size, 1)
         self.channels = check_choice("data.channels", channels, (1, 3))
@@ -117,10 +118,6 @@ class FolderDataModule(L.LightningDataModule):
         """The evaluation classes (one folder each under `eval_root`); None without an evaluation set."""
         self.setup()
         return None if self._eval is None else len(self._eval.classes)
-
-    @property
-    def classes_from(self) -> str:
-        return f"the class folders of data.eval_root={self.eval_root!r}"
 
     @property
     def train_size(self) -> int:

@@ -28,6 +28,7 @@ class ImageNetDataModule(L.LightningDataModule):
                  num_workers: int | None = None):
         super().__init__()
         self.root = root
+        self.classes_from = f"the class folders of data.root={root!r}"  # for check_input's message
         self.image_size = check_int("data.image_size", image_size, 1)
         self.resize = check_int("data.resize", resize, 1)
         self.calib_augment = check_bool("data.calib_augment", calib_augment)
@@ -75,10 +76,6 @@ class ImageNetDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         self.setup()
         return len(self._train.classes)
-
-    @property
-    def classes_from(self) -> str:
-        return f"the class folders of data.root={self.root!r}"
 
     @property
     def train_size(self) -> int:
