@@ -64,7 +64,7 @@ def seed_and_switches(cfg: DictConfig) -> None:
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) during a run, with one line saying what the run saved and how to resume it (run.py prints
+    """Ctrl-C (SIGINT) during a run, with one line saying what the run saved and how to resume it (`pdq` prints
     it and exits with status 130)."""
 
 

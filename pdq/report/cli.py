@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results, missing = collect(args.dirs)
     if not results and not missing:
-        print(f"pdq-report: error: no runs in {', '.join(args.dirs)}; accepted: a run dir, a Hydra sweep dir or "
+        print(f"pdq report: error: no runs in {', '.join(args.dirs)}; accepted: a run dir, a Hydra sweep dir or "
               f"any folder holding run dirs (with .hydra/ or results.json); nothing was written", file=sys.stderr)
         return 2
     label_runs(results)

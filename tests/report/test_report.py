@@ -393,7 +393,7 @@ def test_a_folder_without_runs_is_one_error_line_and_writes_nothing(tmp_path, ca
     assert main([str(tmp_path)]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
-    assert err.startswith(f"pdq-report: error: no runs in {tmp_path}; accepted: a run dir, a Hydra sweep dir")
+    assert err.startswith(f"pdq report: error: no runs in {tmp_path}; accepted: a run dir, a Hydra sweep dir")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]  # no report/ dir, no tables
 
 
