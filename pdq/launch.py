@@ -5,7 +5,7 @@ uses this module (`session`); the quantization code sees the `pdq.distributed.Di
 Where the processes come from:
 * `torchrun`, or SLURM `srun` with one task per device: they exist already; their environment says which rank each is
   (Lightning's `TorchElasticEnvironment` / `SLURMEnvironment` read it).
-* `python run.py trainer=ddp_cpu trainer.devices=2` on one machine: this process is rank 0 and starts ranks 1.. as
+* `pdq trainer=ddp_cpu trainer.devices=2` on one machine: this process is rank 0 and starts ranks 1.. as
   copies of the same Hydra job (same overrides, same run dir), with `LOCAL_RANK`, `WORLD_SIZE`, `MASTER_ADDR` and
   `MASTER_PORT` set, as Lightning's own launcher does. Lightning's `LightningEnvironment` then sees processes created
   externally, so each unit's Trainer reuses the group (its launcher cannot do this for more than one `fit`).
@@ -13,7 +13,7 @@ Where the processes come from:
 When a rank this process started fails, the run ends here as any error ends it. A watcher thread sees the rank exit,
 kills the other ranks (a collective that waits for them then fails at once) and interrupts the main thread, where
 `session` raises a `PdqError` naming the rank and its exit code: on its way out the pipeline finishes the logger and
-run.py logs the error. So that no rank that failed while starting leaves this process waiting in
+the `pdq` command logs the error. So that no rank that failed while starting leaves this process waiting in
 `init_process_group` (which no signal interrupts), this process creates the group's store itself and waits, in Python,
 until every rank it started has checked in. A rank started by this process ends itself if this process dies (it
 writes no file and has no logger of its own).

@@ -71,7 +71,7 @@ class Run:
 
 
 def run(cfg: DictConfig) -> dict:
-    """One run from its config (`run.py`); returns results.json's content."""
+    """One run from its config (the `pdq` command); returns results.json's content."""
     return execute(cfg)[0]
 
 
