@@ -191,25 +191,24 @@ def quantize(model: nn.Module, calib, *, method: str = "pdquant", bits: str = "w
         raise PdqError(f"model is {type(model).__name__}; accepted: a torch.nn.Module")
     images = as_images(calib)
     eval_loader = as_eval_loader(eval_data)
-    with _console_logging():  # the keys that plain override names resolve to are logged
-        cfg, keys = compose(method, bits, {k.replace("__", "."): v for k, v in overrides.items()})
-    if world_size_of(cfg.trainer) > 1:
-        raise PdqError("pdq.quantize runs in this one process; accepted: trainer.devices=1 (multi-GPU and "
-                       "multi-node runs go through `pdq trainer=ddp`)")
-    n = len(images)
-    with open_dict(cfg):
-        cfg.model.name = type(model).__name__
-        cfg.data = {"name": TensorDataModule.name, "images": n, "image_shape": list(images.shape[1:])}
-        cfg.paths.cache_dir = None
-        if "calib.size" not in keys:
-            cfg.calib.size = n
-        for key in ("batch_size", "act_init_size"):
-            if f"calib.{key}" not in keys:
-                cfg.calib[key] = min(cfg.calib[key], cfg.calib.size)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_console_logging())  # pdq's lines: the keys plain names resolve to, the run's progress
+        cfg, keys = compose(method, bits, {k.replace("__", "."): v for k, v in overrides.items()})
+        if world_size_of(cfg.trainer) > 1:
+            raise PdqError("pdq.quantize runs in this one process; accepted: trainer.devices=1 (multi-GPU and "
+                           "multi-node runs go through `pdq trainer=ddp`)")
+        n = len(images)
+        with open_dict(cfg):
+            cfg.model.name = type(model).__name__
+            cfg.data = {"name": TensorDataModule.name, "images": n, "image_shape": list(images.shape[1:])}
+            cfg.paths.cache_dir = None
+            if "calib.size" not in keys:
+                cfg.calib.size = n
+            for key in ("batch_size", "act_init_size"):
+                if f"calib.{key}" not in keys:
+                    cfg.calib[key] = min(cfg.calib[key], cfg.calib.size)
         run_dir = out_dir if out_dir is not None else stack.enter_context(tempfile.TemporaryDirectory(prefix="pdq-"))
         cfg.paths.output_dir = str(Path(run_dir).expanduser())
-        stack.enter_context(_console_logging())
         stack.enter_context(_modes_kept(model))
         try:
             results, qmodel = execute(cfg, model=model, datamodule=TensorDataModule(images, eval_loader))

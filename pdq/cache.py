@@ -33,7 +33,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from pdq.distributed import state_sha256
+from pdq.distributed import state_sha256, tensor_bytes
 from pdq.errors import PdqError, cause
 from pdq.io import atomic_torch_save, atomic_write_json
 
@@ -56,7 +56,7 @@ def class_path(obj: Any) -> str:
 
 def tensor_sha256(t: torch.Tensor) -> str:
     """Digest of a tensor's bytes (its shape and dtype are separate fields, see `describe`)."""
-    return hashlib.sha256(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
+    return hashlib.sha256(tensor_bytes(t)).hexdigest()
 
 
 def describe(value: Any) -> Any:

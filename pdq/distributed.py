@@ -97,13 +97,18 @@ class Dist:
 SINGLE = Dist()
 
 
+def tensor_bytes(t: torch.Tensor):
+    """A tensor's bytes, in its logical order (a numpy uint8 array; on the host)."""
+    return t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+
+
 def state_sha256(module: nn.Module) -> str:
     """Digest of every parameter and buffer by name (the order of a module's buffers depends on its history:
     a learned scale is re-registered): equal on all ranks iff their quantization states are equal."""
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(tensor_bytes(t).tobytes())
     return h.hexdigest()
 
 

@@ -37,6 +37,7 @@ import torch.distributed as tdist
 
 from pdq.distributed import SINGLE, Dist, world_size_of
 from pdq.errors import PdqError
+from pdq.process import restore_environment, set_environment
 
 log = logging.getLogger("pdq")
 TIMEOUT = datetime.timedelta(minutes=30)
@@ -166,7 +167,7 @@ class _Ranks:
             return
         deadline = time.monotonic() + 1.0
         while self._pending and time.monotonic() < deadline:
-            pass  # Python runs a pending handler at a loop's jump back: the watcher's call is consumed here
+            time.sleep(0.005)  # Python runs the pending handler when the sleep ends: the watcher's call is consumed
         if not self._pending:  # else the handler stays, to take the call that has not run yet
             signal.signal(INTERRUPT, self._previous if self._previous is not None else signal.SIG_DFL)
             self._installed = False
@@ -252,22 +253,6 @@ def _rank_scope(dist: Dist):
         pdq_log.setLevel(saved_level)
 
 
-def set_environment(**values: str) -> dict[str, str | None]:
-    """Set these environment variables; returns what they were before (None: unset), for `restore_environment`."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    return saved
-
-
-def restore_environment(saved: dict[str, str | None]) -> None:
-    """Put back the variables `set_environment` changed, and only those."""
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-
-
 @contextlib.contextmanager
 def session(trainer_cfg, out_dir: Path):
     """The `Dist` of this process for the run's duration (one process: `SINGLE`, nothing started). When this process
@@ -313,9 +298,7 @@ def _group(trainer_cfg, out_dir: Path, world: int):
             yield dist
             tdist.barrier()
         ok = True
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C (which Lightning's fit makes sys.exit(1)): as it is
-        raise
-    except BaseException:
+    except Exception:  # an error, maybe from a collective that a dead rank left: say which rank died, if one did
         if ranks is not None:
             ranks.disarm()
             failed = ranks.first_failure()

@@ -34,8 +34,8 @@ def run_scope() -> Iterator[None]:
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     fill = torch.utils.deterministic.fill_uninitialized_memory
-    wandb_mode = os.environ.get("WANDB_MODE")
-    nvml_check = os.environ.pop(NVML_CHECK, None)
+    saved = {name: os.environ.get(name) for name in ("WANDB_MODE", NVML_CHECK)}
+    os.environ.pop(NVML_CHECK, None)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
@@ -46,11 +46,23 @@ def run_scope() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.utils.deterministic.fill_uninitialized_memory = fill
-        for var, value in (("WANDB_MODE", wandb_mode), (NVML_CHECK, nvml_check)):
-            if value is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = value
+        restore_environment(saved)
+
+
+def set_environment(**values: str) -> dict[str, str | None]:
+    """Set these environment variables; returns what they were before (None: unset), for `restore_environment`."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    return saved
+
+
+def restore_environment(saved: dict[str, str | None]) -> None:
+    """Put back the variables `set_environment` changed, and only those."""
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def seed_and_switches(cfg: DictConfig) -> None:

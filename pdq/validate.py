@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pdq.checks import check_bool, check_int, flatten
+from pdq.checks import check_bool, check_choice, check_int, flatten
 from pdq.distributed import world_size_of
 from pdq.errors import PdqError, instantiate
 from pdq.models.registry import check_model_config
@@ -53,8 +53,7 @@ def check_numbers_finite(cfg: DictConfig) -> None:
 
 
 def check_calib(calib: DictConfig) -> None:
-    if calib.cache_dtype not in CACHE_DTYPES:
-        raise PdqError(f"calib.cache_dtype={calib.cache_dtype!r} is not accepted; accepted: {', '.join(CACHE_DTYPES)}")
+    check_choice("calib.cache_dtype", calib.cache_dtype, CACHE_DTYPES)
     check_bool("calib.channels_last", calib.channels_last)
     for key in ("size", "batch_size", "act_init_size"):
         value = calib[key]

@@ -1,9 +1,11 @@
+import contextlib
 import functools
 import inspect
 import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -119,50 +121,64 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, **env_vars: str) -
                           capture_output=True, text=True, timeout=timeout)
 
 
+def start_run(run_dir: Path, *args: str, stderr=subprocess.DEVNULL, **env_vars: str) -> subprocess.Popen:
+    """`python run.py ARGS hydra.run.dir=RUN_DIR` in a process group of its own (its DDP ranks too), stdout read
+    line by line."""
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", **env_vars}
+    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args, f"hydra.run.dir={run_dir}"], env=env,
+                            stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
+
+
+def read_until(proc: subprocess.Popen, until, what: str, timeout: float = 300) -> list[str]:
+    """The lines the run prints up to the first for which `until(line)` holds. A run that ends first fails the
+    test; one that prints no such line in `timeout` seconds (a hung rank) is killed, and fails it too."""
+    def kill():
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    timer = threading.Timer(timeout, kill)
+    timer.start()
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if until(line):
+                return seen
+    finally:
+        timer.cancel()
+    raise AssertionError(f"the run ended (rc {proc.wait()}) before it {what}")
+
+
 def kill_after_unit(run_dir: Path, *args: str, index: int = 3, **env_vars: str) -> None:
-    """Start `python run.py ARGS hydra.run.dir=RUN_DIR` and SIGKILL its whole process group (every DDP rank
-    too) at the unit boundary the run reports: the log line that its state is saved after unit `index` of its
-    first phase. The next unit takes far longer than reading a line, so the saved state ends at that unit."""
+    """Start the run and SIGKILL its whole process group (every DDP rank too) at the unit boundary the run
+    reports: the log line that its state is saved after unit `index` of its first phase. The next unit takes far
+    longer than reading a line, so the saved state ends at that unit."""
     import re
 
     saved = re.compile(r"saved \S+ after phase 0 unit (\d+) ")
-    env = {**os.environ, "WANDB_MODE": "offline", **env_vars}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args, f"hydra.run.dir={run_dir}"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    proc = start_run(run_dir, *args, **env_vars)
     try:
-        for line in proc.stdout:
-            found = saved.search(line)
-            if found and int(found.group(1)) >= index:
-                break
-        else:
-            raise AssertionError(f"the run ended (rc {proc.wait()}) before it reported unit {index} saved")
+        read_until(proc, lambda line: (found := saved.search(line)) is not None and int(found.group(1)) >= index,
+                   f"reported unit {index} saved")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
 
 def interrupt_at(run_dir: Path, *args: str, line: str, ready=lambda: True,
                  **env_vars: str) -> subprocess.CompletedProcess:
-    """Start `python run.py ARGS hydra.run.dir=RUN_DIR` and send its process group SIGINT, as Ctrl-C in a terminal
-    does, once it has logged a line matching `line` and then `ready()` holds; returns the ended process (stdout,
-    stderr and exit status)."""
+    """Start the run and send its process group SIGINT, as Ctrl-C in a terminal does, once it has logged a line
+    matching `line` and then `ready()` holds; returns the ended process (stdout, stderr and exit status)."""
     import re
     import tempfile
     import time
 
     pattern = re.compile(line)
-    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", **env_vars}
     with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: the run never waits on a full stderr pipe
-        proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args, f"hydra.run.dir={run_dir}"], env=env,
-                                stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+        proc = start_run(run_dir, *args, stderr=err, **env_vars)
         try:
-            seen = []
-            for out in proc.stdout:
-                seen.append(out)
-                if pattern.search(out):
-                    break
-            else:
-                raise AssertionError(f"the run ended (rc {proc.wait()}) before it logged {line!r}")
+            seen = read_until(proc, pattern.search, f"logged {line!r}")
             deadline = time.monotonic() + 300
             while not ready():
                 assert proc.poll() is None and time.monotonic() < deadline, "the run ended, or took too long"

@@ -162,12 +162,12 @@ def pdq_arguments(tokens: list[str]) -> list[str] | None:
 @cache
 def sweep_parameters(name: str) -> tuple[str, ...]:
     """What a named sweep (`sweep=<name>`) sweeps, `key=values` each, as Hydra's sweeper adds them to every job."""
-    from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from pdq.config import compose
+
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        params = compose("config", overrides=[f"sweep={name}"], return_hydra_config=True).hydra.sweeper.params
+    params = compose([f"sweep={name}"], return_hydra_config=True).hydra.sweeper.params
     return tuple(f"{k}={v}" for k, v in (params or {}).items())
 
 

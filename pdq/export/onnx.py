@@ -29,7 +29,7 @@ from torch import fx, nn
 
 from pdq.errors import PdqError, cause
 from pdq.export.checkpoint import load_with_meta, weight_codes
-from pdq.export.qdq import qdq_surgery, tag_scale
+from pdq.export.qdq import OWN_TYPE_OPSET, qdq_surgery, tag_scale
 from pdq.export.runtime import disabled_optimizers
 from pdq.io import atomic_write
 from pdq.quant.backends import get_backend
@@ -50,12 +50,9 @@ log = logging.getLogger("pdq")
 
 def default_opset(widths: set[int]) -> int:
     """The lowest opset (from the exporter's own) at which every width has its own type or uses the next wider
-    (`pdq.export.qdq.container_bits`: 2-bit types from opset 25, 4-bit types from 21)."""
-    if any(b <= 2 for b in widths):
-        return 25
-    if any(b <= 4 for b in widths):
-        return 21
-    return EXPORTER_MIN_OPSET
+    (`pdq.export.qdq.OWN_TYPE_OPSET`)."""
+    needed = [first for width, first in OWN_TYPE_OPSET.items() if any(b <= width for b in widths)]
+    return max([EXPORTER_MIN_OPSET, *needed])
 
 
 def check_opset(opset) -> int | None:

@@ -44,13 +44,14 @@ def tag_of(scale_initializer) -> int:
     return int(round(float(numpy_helper.to_array(scale_initializer))))
 
 
+#: the opset from which ONNX has an integer type of this width (uint2/int2, uint4/int4); 8 bits: every opset
+OWN_TYPE_OPSET = {2: 25, 4: 21}
+
+
 def container_bits(bits: int, opset: int) -> int:
-    """The width of the ONNX integer type that holds `bits`-bit codes at `opset`."""
-    if bits <= 2 and opset >= 25:
-        return 2
-    if bits <= 4 and opset >= 21:
-        return 4
-    return 8
+    """The width of the ONNX integer type that holds `bits`-bit codes at `opset`: the narrowest at least `bits`
+    wide that the opset has."""
+    return next((width for width, first in sorted(OWN_TYPE_OPSET.items()) if bits <= width and opset >= first), 8)
 
 
 def tensor_type(bits: int, signed: bool = False):

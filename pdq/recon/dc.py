@@ -168,7 +168,7 @@ class DCStore:
                                                 "nodes": [n.name for n in unit.nodes]},
                                        "dc": cfg, **self.fields}, self.device)
 
-    def load(self, found: Entry, rows: int, device: torch.device) -> tuple[torch.Tensor, dict] | None:
+    def load(self, found: Entry, rows: int) -> tuple[torch.Tensor, dict] | None:
         """The entry if it is whole and fits (`rows` finite images in the cache dtype), else None; the answer is
         every rank's (a hit only where every rank hits), so that all ranks then do the same work."""
         def check(raw):
@@ -177,7 +177,7 @@ class DCStore:
                     and torch.isfinite(x).all()):
                 raise ValueError(f"holds {type(x).__name__} {getattr(x, 'shape', '')}, not {rows} finite rows "
                                  f"of {self.dtype}")
-            return x.to(device), info
+            return x.to(self.device), info
 
         hit = found.load(check)
         hits = self.dist.sum(float(hit is not None))[0]

@@ -243,7 +243,7 @@ class ReconstructionEngine:
             return x_fp, {"dc_s": round(time.time() - t_dc, 3)}
         store = self.dc_store()
         found = store.entry(unit, cfg) if store is not None else None
-        hit = store.load(found, len(x_fp), self.ctx.device) if store is not None else None
+        hit = store.load(found, len(x_fp)) if store is not None else None
         if hit is not None:
             x_fp, info = hit
             log.info("DC %s: from the cache (%s)", unit.name, found)

@@ -100,5 +100,5 @@ def test_the_readme_python_example_on_a_users_cnn(venv):
     (venv["work"] / "example.py").write_text(re.sub(r"iters=\d+", "iters=2", re.sub(r"dc_steps=\d+", "dc_steps=2",
                                                                                       code)))
     proc = call(venv, venv["python"], "example.py")
-    assert re.search(r"[0-9.]+%", proc.stdout), proc.stdout
-    assert "pdq" in proc.stderr and "Traceback" not in proc.stderr
+    assert re.search(r"^top-1 \d+\.\d\d% FP -> \d+\.\d\d% W4A4$", proc.stdout, re.M), proc.stdout
+    assert "[pdq][INFO]" in proc.stderr and "Traceback" not in proc.stderr
