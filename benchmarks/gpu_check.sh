@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# GPU check of reconstruction speed, at most 8 minutes on one GPU (each part has its own time limit).
+# GPU check of reconstruction speed and memory, at most 10 minutes on one GPU (each part has its own time limit).
 #   here:            make gpu-carry      (wheels of hydra-core, omegaconf, antlr4 + Fashion-MNIST into outputs/gpu)
 #   on the GPU box:  bash benchmarks/gpu_check.sh      (with outputs/gpu carried along, no package index)
 # 1. the default job (resnet20_fmnist, PD-Quant W4A4, 1,024 images, 200 steps per unit, 50 DC steps) on
 #    trainer=gpu: qdrop, pdquant, pdquant again on the DC cache; then pdquant with trainer.precision=bf16-mixed;
 # 2. ResNet-18 at 224x224 with random weights on synthetic images (256, 200 steps per unit, 50 DC steps),
-#    qdrop and pdquant.
+#    qdrop and pdquant;
+# 3. memory at the paper's scale: ResNet-18 at 224x224, 1,024 images, PD-Quant, planned against measured peak
+#    GPU memory, float32 caches on the GPU and in page-locked host memory (benchmarks/scale.py).
 # Prints per-step times and their floor, peak memory and the PD-Quant/QDrop ratio; the JSON files go to
 # $OUT (default outputs/gpu_check). wandb is not installed: the runs log nothing (logger=none).
 set -euo pipefail
@@ -26,3 +28,7 @@ python -c "import torch, torchvision; torch.manual_seed(0); torch.save(torchvisi
 timeout 170 python benchmarks/methods.py --methods qdrop pdquant --model resnet18 --calib-size 256 \
   --out "$OUT/resnet18.json" trainer=gpu data=synthetic "model.checkpoint=$OUT/resnet18_random.pt" \
   model.ptq.dc_steps=50 calib.act_init_size=256
+timeout 80 python benchmarks/scale.py --models resnet18 --images 1024 --out "$OUT/scale.json" trainer=gpu \
+  || echo "scale part: exit $?"
+timeout 40 python benchmarks/scale.py --models resnet18 --images 1024 --out "$OUT/scale_cpu_caches.json" \
+  trainer=gpu calib.cache_device=cpu || echo "scale part (host caches): exit $?"

@@ -46,7 +46,7 @@ def job(cfg) -> float:
     if cfg.get("keep_freed_memory") is True:
         log.info("host memory: freed memory kept for reuse (keep_freed_memory=true): %s", keep_freed_memory())
     try:
-        return run(cfg)["quant_top1"]
+        return run(cfg).get("quant_top1")  # None from a plan_only run
     except PdqError as e:
         log.error("%s", e)
         print(f"pdq: error: {e}", file=sys.stderr)

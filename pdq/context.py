@@ -10,6 +10,7 @@ import lightning as L
 import torch
 
 from pdq.distributed import SINGLE, Dist
+from pdq.recon.store import CacheStore
 
 
 @dataclass(kw_only=True)
@@ -32,6 +33,7 @@ class RunContext:
     fp_model: torch.nn.Module | None = None  # the unfolded float model (Distribution Correction)
     dist: Dist = SINGLE               # this process's rank in a DDP run (batch_size is the global batch)
     cache_dir: Path | None = None     # paths.cache_dir: results that depend only on the float model and data (DC)
+    store: CacheStore | None = None   # calib.cache_device: where the per-unit caches live (None: the device)
 
 
 def stream_seed(seed: int, *keys: int) -> int:

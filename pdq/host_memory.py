@@ -2,11 +2,12 @@
 
 glibc serves every allocation above its mmap threshold (which it raises to at most 32 MiB) with fresh pages
 from the kernel and gives them back on free. Every large tensor an operation creates then pays a page fault
-per 4 KiB page when it is first written: Distribution Correction's whole-set chunk (1,024 x 16 x 28 x 28
-floats, 51 MiB on ResNet-20's first stage) is allocated and freed several times per step, and on the 2-core
-CPU a single `addcmul` over it took 22 ms this way against 2.3 ms on reused memory. `keep_freed_memory()`
-turns this off for the process (`mallopt`: no mmap for large blocks, no trimming of the heap), so freed
-memory is reused. The process's resident memory then stays near its peak instead of shrinking after it.
+per 4 KiB page when it is first written: a temporary of 51 MiB (1,024 x 16 x 28 x 28 floats) allocated and freed
+several times per step made a single `addcmul` over it take 22 ms this way against 2.3 ms on reused memory on the
+2-core CPU. `keep_freed_memory()` turns this off for the process (`mallopt`: no mmap for large blocks, no trimming
+of the heap), so freed memory is reused. The process's resident memory then stays near its peak instead of
+shrinking after it. The whole-set caches do not take part: `pdq.recon.store` gives them pages of their own, so
+that the holes they leave do not grow the heap.
 
 The `pdq` command (`python run.py` in a checkout) calls it when `keep_freed_memory` is true (the default;
 conf/config.yaml). Importing pdq does not: a Python caller chooses for its own process."""

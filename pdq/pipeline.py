@@ -39,6 +39,9 @@ from pdq.process import interrupts_as, run_scope, seed_and_switches
 from pdq.quant import apply_layout, quantize_model
 from pdq.quant.graph import integer_plan, log_integer_plan
 from pdq.quant.layout import BitLayout
+from pdq.recon.memory import check_fits, memory_plan
+from pdq.recon.memory import describe as describe_plan
+from pdq.recon.store import CacheStore
 from pdq.recon.units import log_unit_table
 from pdq.resume import (
     begin_part,
@@ -143,14 +146,26 @@ def run_ranks(run: Run) -> tuple[dict, torch.nn.Module]:
                          channels_last=cfg.calib.channels_last, trainer=instantiate(cfg.trainer), logger=logger,
                          out_dir=run.out_dir, resume_state=run.resume_state,
                          reconstruct_stem=run.layout.reconstruct_stem, fingerprint=fingerprint(cfg), fp_model=model,
-                         dist=dist, cache_dir=cfg.paths.cache_dir)
+                         dist=dist, cache_dir=cfg.paths.cache_dir,
+                         store=CacheStore(cfg.calib.cache_device, device, cfg.calib.spill_dir))
+        plan = memory_plan(qmodel, getattr(run.method, "phases", []), calib, ctx, cache_device=cfg.calib.cache_device,
+                           limits=OmegaConf.to_container(cfg.memory_limit_mib))
+        for line in describe_plan(plan):
+            log.info(line)
+        if dist.main:
+            atomic_write_json(run.out_dir / "memory_plan.json", plan)
+        if cfg.plan_only:
+            log.info("plan_only=true: wrote %s; nothing else runs", run.out_dir / "memory_plan.json")
+            return {"memory_plan": plan}, qmodel
+        check_fits(plan, dist)
         layout, record = run.layout.prepare(qmodel, calib, ctx)  # quant=mixed: the allocation
         if layout is not run.layout:
             table = layout.resolve(qmodel)
             apply_layout(qmodel, table)
         if dist.main:
             write_files(run.out_dir, record["files"])
-        results = {**quantize_and_evaluate(run, layout, table, model, qmodel, calib, ctx), **record["results"]}
+        results = {**quantize_and_evaluate(run, layout, table, model, qmodel, calib, ctx), **record["results"],
+                   "memory_plan": plan}
         results["wall_s"] = round(wall_before + time.time() - run.t0, 2)
         if dist.main:  # before the logger is finished: a logger failure never loses the results
             atomic_write_json(run.out_dir / "results.json", results)

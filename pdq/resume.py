@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pdq.checks import flatten
 from pdq.errors import PdqError, cause
@@ -34,15 +34,23 @@ EARLIER_METRICS = ".metrics_earlier.csv"
 #: trainer keys that conf/trainer/_base.yaml did not always set: runs saved before it did ran with Lightning's
 #: defaults for them (what a saved fingerprint or results.json without the key means)
 SAVED_BEFORE = {"trainer.strategy": "auto", "trainer.num_nodes": 1}
+#: where the caches live: no result depends on it, and the fingerprint leaves it out (a path is not portable)
+CACHE_PLACE = ("calib.cache_device", "calib.spill_dir")
 #: settings that change no result: a resumed (or finished) run may differ in them
-NO_RESULT = {"trainer.log_every_n_steps"}
+NO_RESULT = {"trainer.log_every_n_steps", *CACHE_PLACE}
 
 
 def fingerprint(cfg: DictConfig) -> dict:
     """The settings a resumed run must share with the interrupted one: everything that changes the result,
     the trainer (process count, accelerator, determinism) included."""
     keep = ("model", "data", "method", "quant", "calib", "seed", "trainer")
-    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(keep)), resolve=True)
+    masked = OmegaConf.masked_copy(cfg, list(keep))
+    with open_dict(masked):
+        for key in CACHE_PLACE:
+            group, name = key.split(".")
+            if name in masked[group]:
+                del masked[group][name]
+    return OmegaConf.to_container(masked, resolve=True)
 
 
 def _show(value) -> str:

@@ -14,6 +14,7 @@ from pdq.distributed import world_size_of
 from pdq.errors import PdqError, instantiate
 from pdq.models.registry import check_model_config
 from pdq.quant.layout import BitLayout
+from pdq.recon.store import CACHE_DEVICES
 from pdq.resume import STATE_FILE
 
 #: the config groups whose numbers must be finite (the other groups check their own values)
@@ -55,6 +56,9 @@ def check_numbers_finite(cfg: DictConfig) -> None:
 def check_calib(calib: DictConfig) -> None:
     check_choice("calib.cache_dtype", calib.cache_dtype, CACHE_DTYPES)
     check_bool("calib.channels_last", calib.channels_last)
+    if calib.cache_device not in CACHE_DEVICES:
+        raise PdqError(f"calib.cache_device={calib.cache_device!r} is not accepted; accepted: null (the compute "
+                       f"device), {', '.join(d for d in CACHE_DEVICES if d)}")
     for key in ("size", "batch_size", "act_init_size"):
         value = calib[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -82,6 +86,11 @@ def validate(cfg: DictConfig, check_model: bool = True) -> BitLayout:
                        f"(accepted: a readable checkpoint file)")
     check_calib(cfg.calib)
     check_bool("keep_freed_memory", cfg.keep_freed_memory)
+    check_bool("plan_only", cfg.plan_only)
+    for key, value in cfg.memory_limit_mib.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise PdqError(f"memory_limit_mib.{key}={value!r} is not accepted; accepted: null (what is available) "
+                           f"or a positive number of MiB")
     check_int("seed", cfg.seed, 0, SEED_MAX)
     if cfg.resume not in (None, "auto"):
         run_dir = Path(cfg.resume).expanduser()

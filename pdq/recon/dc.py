@@ -26,6 +26,7 @@ from pdq.distributed import SINGLE, Dist, compute_tag
 from pdq.errors import PdqError
 from pdq.recon.losses import bn_statistics_loss, proximity_loss
 from pdq.recon.phase import DCConfig
+from pdq.recon.store import CacheStore, dim_order
 from pdq.recon.units import Unit
 
 log = logging.getLogger("pdq")
@@ -93,10 +94,25 @@ def check_chunk(cfg: DCConfig, n_local: int, dist: Dist) -> None:
                        f"({n_local * dist.world_size}, one chunk) or a divisor of {n_local}")
 
 
+#: the input values of the images that one forward and backward of a DC step runs together (at least a batch of
+#: images): small maps run in few calls (one over a ResNet-20's last stage), large ones in small batches
+STEP_VALUES = 2 ** 22
+
+
+def step_rows(batch_size: int, values_per_image: int) -> int:
+    """Images per forward and backward inside a DC step: `batch_size`, or more while they hold `STEP_VALUES`."""
+    return max(batch_size, STEP_VALUES // max(values_per_image, 1))
+
+
 def correct(unit_fp: nn.Module, bns: list[nn.Module], x_fp: torch.Tensor, cfg: DCConfig,
-            desc: str = "DC", dist: Dist = SINGLE) -> tuple[torch.Tensor, dict]:
-    """DC-corrected copy of `x_fp` (same shape, same device), and the BN-statistic loss before/after. Each
-    step runs `unit_fp` only up to the inputs of `bns` (`bn_inputs`).
+            desc: str = "DC", dist: Dist = SINGLE, batch_size: int | None = None,
+            device: torch.device | None = None) -> tuple[torch.Tensor, dict]:
+    """DC-corrected copy of `x_fp` (same shape; on `device`, default `x_fp`'s), and the BN-statistic loss
+    before/after. Each step runs `unit_fp` only up to the inputs of `bns` (`bn_inputs`), over
+    `step_rows(batch_size, ...)` images at a time (None: the whole chunk at once): the loss is a sum over
+    images, so each image's gradient is the same whichever images share its forward (bit for bit), and a step
+    holds the activations of one batch instead of the chunk's. What a step holds for the whole chunk is the
+    corrected input, its gradient and Adam's two moments.
     Under DDP, `x_fp` is this rank's shard; with one chunk over the whole set the loss is normalised by
     the global set size and the LR plateau follows the loss summed over ranks, so every sample gets the
     update it gets in one process."""
@@ -114,35 +130,49 @@ def correct(unit_fp: nn.Module, bns: list[nn.Module], x_fp: torch.Tensor, cfg: D
                disable=dist.progress_disable)
     try:
         for start in range(0, len(x_fp), chunk):
-            target = x_fp[start:start + chunk].float()
+            target = x_fp[start:start + chunk]
             denominator = n_global if whole else len(target)
             # Adam's variable is the chunk in its own memory order, a contiguous tensor: fused Adam would
             # otherwise copy a channels-last x to contiguous and back at every step
-            order = sorted(range(target.dim()), key=lambda d: -target.stride(d))
-            dense = target.permute(order).clone(memory_format=torch.contiguous_format).requires_grad_(True)
-            x = dense.permute([order.index(d) for d in range(target.dim())])
+            order = dim_order(target)
+            back = [order.index(d) for d in range(target.dim())]
+            dense = target.permute(order).to(device or x_fp.device, torch.float32,
+                                             memory_format=torch.contiguous_format, copy=True)
+            dense.grad = torch.empty_like(dense)
             opt = torch.optim.Adam([dense], lr=cfg.lr, fused=True)  # one pass over x per step
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=cfg.patience, factor=cfg.factor,
                                                                  min_lr=cfg.min_lr)
+            step_batch = len(dense) if batch_size is None else step_rows(batch_size, dense[0].numel())
             for step in range(cfg.steps + 1):
-                stats = bn_statistics_loss(cut(x), bns, denominator)
+                final = step == cfg.steps
+                stats = loss = 0.0
+                for b in range(0, len(dense), step_batch):  # the gradient of each batch into its rows of grad
+                    rows = dense[b:b + step_batch].detach().requires_grad_(not final)
+                    x = rows.permute(back)
+                    with torch.set_grad_enabled(not final):
+                        batch_stats = bn_statistics_loss(cut(x), bns, denominator)
+                        stats += batch_stats.item()
+                        if final:
+                            continue
+                        batch_loss = batch_stats + proximity_loss(
+                            x, target[b:b + step_batch].to(dense.device, torch.float32), denominator) / cfg.lambda_c
+                    dense.grad[b:b + step_batch] = torch.autograd.grad(batch_loss, rows)[0]
+                    loss += batch_loss.item()
                 if step == 0:
-                    before += stats.item() * denominator
-                if step == cfg.steps:
-                    after += stats.item() * denominator
+                    before += stats * denominator
+                if final:
+                    after += stats * denominator
                     break
-                loss = stats + proximity_loss(x, target, denominator) / cfg.lambda_c
-                opt.zero_grad(set_to_none=True)
-                loss.backward(inputs=[dense])  # the input's gradient only, whatever the twin's parameters
                 opt.step()
-                plateau.step(dist.sum(loss.item())[0] if whole else loss.item())
+                plateau.step(dist.sum(loss)[0] if whole else loss)
                 bar.update(1)
-            out.append(x.detach().to(x_fp.dtype))
+            out.append(dense.detach().permute(back).to(x_fp.dtype))
+            del dense, opt, plateau
     finally:
         bar.close()
     before, after = dist.sum(before, after)
-    return torch.cat(out), {"dc_loss_before": round(before / n_global, 6),
-                            "dc_loss_after": round(after / n_global, 6)}
+    return torch.cat(out) if len(out) > 1 else out[0], {"dc_loss_before": round(before / n_global, 6),
+                                                         "dc_loss_after": round(after / n_global, 6)}
 
 
 DC_REVISION = 2  # part of every DC cache key: bump it when DC's arithmetic changes, so that older entries miss
@@ -157,8 +187,9 @@ class DCStore:
     a miss, recomputed and overwritten."""
 
     def __init__(self, root: str | Path, fp_model: nn.Module, calib: torch.Tensor, *, batch_size: int,
-                 dtype: torch.dtype, device: torch.device, dist: Dist = SINGLE):
+                 dtype: torch.dtype, device: torch.device, dist: Dist = SINGLE, store: CacheStore | None = None):
         self.root, self.dtype, self.device, self.dist = root, dtype, device, dist
+        self.store = store if store is not None else CacheStore(None, device)  # where a hit is put
         self.fields = {"fp_model": describe(fp_model), "calib": describe(calib), "rank": dist.rank,
                        "world_size": dist.world_size, "batch_size": batch_size, "dtype": str(dtype),
                        "compute": compute_tag(device), "revision": DC_REVISION}
@@ -177,7 +208,7 @@ class DCStore:
                     and torch.isfinite(x).all()):
                 raise ValueError(f"holds {type(x).__name__} {getattr(x, 'shape', '')}, not {rows} finite rows "
                                  f"of {self.dtype}")
-            return x.to(self.device), info
+            return self.store.put(x), info
 
         hit = found.load(check)
         hits = self.dist.sum(float(hit is not None))[0]

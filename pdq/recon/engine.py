@@ -22,6 +22,7 @@ import copy
 import logging
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from pdq.recon.dc import DCStore, check_chunk, correct, fp_twin
 from pdq.recon.inputs import UnitInputs
 from pdq.recon.module import Caches, UnitProgress, UnitReconstruction, loader
 from pdq.recon.phase import DCConfig, Phase
+from pdq.recon.store import CacheStore, dim_order, empty_in_order
 from pdq.recon.subgraph import prefix, segment, suffix
 from pdq.recon.units import Unit, enclosing, find_units
 from pdq.resume import STATE_FILE
@@ -59,13 +61,22 @@ FIT_WARNINGS = (r".*module\(s\) in eval mode.*", r".*does not have many workers.
 
 @torch.no_grad()
 def _run_batched(module: torch.nn.Module, xs: tuple[torch.Tensor, ...], batch_size: int, device, dtype,
-                 memory_format: torch.memory_format = torch.preserve_format) -> torch.Tensor:
-    """`module` over the rows of the tensors `xs` (its inputs), `batch_size` rows at a time, in float32."""
+                 memory_format: torch.memory_format = torch.preserve_format, empty=None) -> torch.Tensor:
+    """`module` over the rows of the tensors `xs` (its inputs), `batch_size` rows at a time in float32, written
+    into one tensor of `dtype` from `empty(shape, dtype, dim order)` (default: on `device`), in the layout of
+    the batches' outputs."""
     def batch(x: torch.Tensor, i: int) -> torch.Tensor:
         fmt = memory_format if x.dim() == 4 else torch.preserve_format  # channels-last is for 4-D tensors only
         return x[i:i + batch_size].to(device, torch.float32, memory_format=fmt)
 
-    return torch.cat([module(*(batch(x, i) for x in xs)).to(dtype) for i in range(0, len(xs[0]), batch_size)])
+    out, n = None, len(xs[0])
+    for i in range(0, n, batch_size):
+        y = module(*(batch(x, i) for x in xs))
+        if out is None:
+            shape, order = (n, *y.shape[1:]), dim_order(y)
+            out = empty(shape, dtype, order) if empty is not None else empty_in_order(shape, dtype, order, device)
+        out[i:i + len(y)] = y
+    return out
 
 
 @contextlib.contextmanager
@@ -132,7 +143,9 @@ class ReconstructionEngine:
         self._fp_graph: fx.GraphModule | None = None
         self._fp_folded: fx.GraphModule | None = None
         self._dc_store: DCStore | None = None
+        self._stem: weakref.ref | None = None
         self.inputs: dict[str, UnitInputs] = {}  # per path, for the phase in progress
+        self.store = ctx.store if ctx.store is not None else CacheStore(None, ctx.device)  # calib.cache_device
 
     def logits(self) -> torch.Tensor:
         """FP network logits on the (uncorrected) calibration images, computed once."""
@@ -171,11 +184,13 @@ class ReconstructionEngine:
         if self._dc_store is None and self.ctx.cache_dir is not None:
             ctx = self.ctx
             self._dc_store = DCStore(ctx.cache_dir, ctx.fp_model, self.calib, batch_size=ctx.batch_size,
-                                     dtype=ctx.cache_dtype, device=ctx.device, dist=ctx.dist)
+                                     dtype=ctx.cache_dtype, device=ctx.device, dist=ctx.dist, store=self.store)
         return self._dc_store
 
     def run_batched(self, module: torch.nn.Module, *xs: torch.Tensor) -> torch.Tensor:
-        return _run_batched(module, xs, self.ctx.batch_size, self.ctx.device, self.ctx.cache_dtype, self.fmt)
+        """`module` over cached tensors (or the images), into a cache (`calib.cache_device`)."""
+        return _run_batched(module, xs, self.ctx.batch_size, self.ctx.device, self.ctx.cache_dtype, self.fmt,
+                            self.store.empty)
 
     def run(self, phases: list[Phase]) -> list[dict]:
         with memory_format(self.gm, self.fmt):
@@ -204,9 +219,17 @@ class ReconstructionEngine:
         """Fresh incremental caches of the unit inputs on the quantized path, on the FP path, and of the
         blocks enclosing PD layer units (a phase visits the units from the first again)."""
         chain = self.ctx.cache_dtype == torch.float32
-        self.inputs = {"q": UnitInputs(self.gm, self.local, self.run_batched, chain),
-                       "fp": UnitInputs(self.fp_folded(), self.local, self.run_batched, chain),
-                       "outer": UnitInputs(self.gm, self.local, self.run_batched, chain)}
+        self.inputs = {path: UnitInputs(gm, self.local, self.run_batched, self.stem_input, chain)
+                       for path, gm in (("q", self.gm), ("fp", self.fp_folded()), ("outer", self.gm))}
+
+    def stem_input(self) -> torch.Tensor:
+        """The calibration images as a cache (cache dtype, layout and device): the input of the first unit on
+        every path, one tensor while any path holds it (a weak reference: it goes with the first unit)."""
+        stem = self._stem() if self._stem is not None else None
+        if stem is None:
+            stem = self.run_batched(torch.nn.Identity(), self.local)
+            self._stem = weakref.ref(stem)
+        return stem
 
     def cache(self, work: UnitWork) -> None:
         """The unit's caches (`work.caches`) and, when DC is on, DC's results (`work.dc_info`)."""
@@ -222,7 +245,7 @@ class ReconstructionEngine:
         y_fp = self.run_batched(self.fp_segment(unit), x_fp)
         logits = self.logits() if phase.uses_pd else None
         rest_input = None if work.outer is None else self.inputs["outer"](work.outer.input.name)
-        work.caches = Caches(x_q, x_fp if phase.input_prob < 1 else None, y_fp, logits, rest_input)
+        work.caches = Caches(x_q, x_fp if phase.input_prob < 1 else None, y_fp, logits, rest_input, self.ctx.device)
 
     def calibrate_upstream(self, node: fx.Node) -> None:
         """Activation quantizers on the way to `node` that no unit initialised (glue between units), from the
@@ -248,7 +271,9 @@ class ReconstructionEngine:
             x_fp, info = hit
             log.info("DC %s: from the cache (%s)", unit.name, found)
         else:
-            x_fp, info = correct(twin, bns, x_fp, cfg, desc=f"DC {unit.name}", dist=self.ctx.dist)
+            x_fp, info = correct(twin, bns, x_fp, cfg, desc=f"DC {unit.name}", dist=self.ctx.dist,
+                                 batch_size=self.ctx.batch_size, device=self.ctx.device)
+            x_fp = self.store.put(x_fp)
             if store is not None:
                 store.save(found, x_fp, info)
         return x_fp, {**info, "dc_cached": hit is not None, "dc_s": round(time.time() - t_dc, 3)}
@@ -271,7 +296,8 @@ class ReconstructionEngine:
         """The unit's uncalibrated activation quantizers, from the first `act_init_size` images of the whole
         set (gathered from the ranks), on the quantized path where the unit has it."""
         ctx = self.ctx
-        x_init = ctx.dist.head(caches.x_q if caches.x_q is not None else caches.x_fp, ctx.act_init_size)
+        x = caches.x_q if caches.x_q is not None else caches.x_fp
+        x_init = ctx.dist.head(x[:ctx.act_init_size].to(ctx.device), ctx.act_init_size)
         ctx.dist.broadcast_quantizers(calibrate_activations(seg, x_init.float(), self.act_observer,
                                                             only_uninitialized=True))
 
@@ -305,6 +331,7 @@ class ReconstructionEngine:
                         warnings.filterwarnings("ignore", message=message)
                     trainer.fit(module, train_dataloaders=batches)
         work.last, work.iters = module.last, phase.iters if trained else 0
+        module.caches = None  # the trainer's reference cycles keep the module until a garbage collection
         work.lap("fit_s")
 
     def finish(self, work: UnitWork) -> dict:

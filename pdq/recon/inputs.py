@@ -23,11 +23,12 @@ class UnitInputs:
     only through it). A value stays valid while the units after it are reconstructed, because reconstructing
     a unit changes only what lies downstream of its input. `from_prefix` counts the values that had to come
     from the images. With `chain=False` every value comes from the images (caches of a lower precision than
-    float32: a value computed from a rounded one would differ from a resumed run's)."""
+    float32: a value computed from a rounded one would differ from a resumed run's). The graph's input itself
+    is `stem()`, the images as a cache, one tensor that every path shares (`from_prefix` does not count it)."""
 
-    def __init__(self, gm: fx.GraphModule, images: torch.Tensor,
-                 run: Callable[..., torch.Tensor], chain: bool = True):
-        self.gm, self.images, self.run, self.chain = gm, images, run, chain
+    def __init__(self, gm: fx.GraphModule, images: torch.Tensor, run: Callable[..., torch.Tensor],
+                 stem: Callable[[], torch.Tensor], chain: bool = True):
+        self.gm, self.images, self.run, self.stem, self.chain = gm, images, run, stem, chain
         self.nodes = {n.name: n for n in gm.graph.nodes}
         self.cuts = set(cut_points(data_path(gm)))
         self.known: dict[fx.Node, torch.Tensor] = {}  # the last value, and the last value at a cut point
@@ -38,8 +39,10 @@ class UnitInputs:
         if node in self.known:
             return self.known[node]
         anchors = list(self.known) if self.chain else []
-        piece = between(self.gm, anchors, node) if anchors else None
-        if piece is None:
+        piece = between(self.gm, anchors, node) if anchors and node.op != "placeholder" else None
+        if node.op == "placeholder":
+            value = self.stem()
+        elif piece is None:
             self.from_prefix += 1
             value = self.run(prefix(self.gm, node), self.images)
         else:

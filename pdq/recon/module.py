@@ -18,25 +18,34 @@ from pdq.recon.phase import Phase
 
 @dataclass
 class Caches:
-    """Per-unit tensors over the whole calibration set (on the compute device)."""
+    """Per-unit tensors over the whole calibration set, where `calib.cache_device` puts them
+    (`pdq.recon.store`); `device` is the compute device, which `rows` brings each batch to."""
     x_q: torch.Tensor | None            # unit input on the quantized path
     x_fp: torch.Tensor | None           # unit input on the FP path (DC-corrected when DC is on)
     y_fp: torch.Tensor                  # FP unit output on that input (target)
     logits: torch.Tensor | None = None  # FP network logits on the calibration images (PD loss)
     rest_input: torch.Tensor | None = None  # quantized-path input of the enclosing unit, when the unit's
     #                                         output is inside a branch (the FP rest reads it too)
+    device: torch.device | None = None  # the compute device (None: where the caches are)
 
     def __len__(self) -> int:
         return len(self.y_fp)
 
     def rows(self, name: str, idx: torch.Tensor) -> torch.Tensor:
-        """Rows `idx` of cache `name` in float32 (caches may be float16/bfloat16; the unit computes in float32):
-        `index_select` over a row-major view, several times faster on a CPU than `t[idx]` (which gathers
-        element by element), for channels-last caches too."""
+        """Rows `idx` of cache `name` on the compute device, in float32 (caches may be float16/bfloat16; the
+        unit computes in float32): `index_select` over a row-major view, several times faster on a CPU than
+        `t[idx]` (which gathers element by element), for channels-last caches too. Rows of a cache in host
+        memory are gathered there, into page-locked memory when the compute device is a GPU, and copied
+        asynchronously."""
         t = getattr(self, name)
-        if is_channels_last(t):
-            return torch.index_select(t.permute(0, 2, 3, 1), 0, idx).permute(0, 3, 1, 2).float()
-        return torch.index_select(t, 0, idx).float()
+        nhwc = is_channels_last(t)
+        src = t.permute(0, 2, 3, 1) if nhwc else t
+        device = self.device or src.device
+        out = None
+        if src.device != device and device.type == "cuda":
+            out = torch.empty((len(idx), *src.shape[1:]), dtype=src.dtype, pin_memory=True)
+        picked = torch.index_select(src, 0, idx.to(src.device), out=out).to(device, non_blocking=True)
+        return (picked.permute(0, 3, 1, 2) if nhwc else picked).float()
 
 
 class IndexBatches(IterableDataset):

@@ -286,19 +286,19 @@ def _in_pairs(module, *xs):
 def test_incremental_unit_inputs_equal_the_prefix_path(build, shape, pattern):
     """On the quantized path (weights and activations quantized at 4 bits), every unit's input computed from
     the previous inputs equals the one computed from the images, bit for bit; only the first comes from
-    the images, also for layer units inside branches."""
+    the images (the first unit's input is the images themselves: none), also for layer units inside branches."""
     qm, x = _calibrated(build, shape)
-    inputs = UnitInputs(qm, x, _in_pairs)
+    inputs = UnitInputs(qm, x, _in_pairs, lambda: x)
     units = find_units(qm, pattern)
     for unit in units:
         assert torch.equal(inputs(unit.input.name), _in_pairs(prefix(qm, unit.input), x)), unit.name
-    assert inputs.from_prefix == 1
+    assert inputs.from_prefix == (0 if units[0].input.op == "placeholder" else 1)
 
 
 @pytest.mark.parametrize("chain", [True, False])
 def test_unit_inputs_fall_back_to_the_prefix_when_the_cached_ones_do_not_lead_there(chain):
     qm, x = _calibrated(resnet20_fmnist, (6, 1, 28, 28))
-    inputs = UnitInputs(qm, x, _in_pairs, chain=chain)
+    inputs = UnitInputs(qm, x, _in_pairs, lambda: x, chain=chain)
     units = find_units(qm, "layer")
     order = [units[5], units[2], units[3], units[9], units[1]]  # backwards, forwards, skipping, backwards
     for unit in order:
@@ -306,18 +306,23 @@ def test_unit_inputs_fall_back_to_the_prefix_when_the_cached_ones_do_not_lead_th
     assert inputs.from_prefix == (4 if chain else 5)  # chained: only the 4th (u3 from u2, no cut)
 
 
-def test_engine_caches_unit_inputs_from_the_images_once_per_phase(make_cfg, monkeypatch):
-    from_prefix = {}
+def test_engine_shares_the_images_and_chains_every_later_input(make_cfg, monkeypatch):
+    """The first unit's input is one tensor on both paths (the images as a cache); every later input follows
+    from the previous one: no prefix from the images."""
+    from_prefix, first = {}, {}
     real = UnitInputs.__call__
 
     def count(self, name):
         out = real(self, name)
         from_prefix[id(self)] = self.from_prefix
+        first.setdefault(id(self), out)
         return out
 
     monkeypatch.setattr(UnitInputs, "__call__", count)
     results = run(make_cfg(*TINY, "method=qdrop"))
-    assert sorted(from_prefix.values()) == [1, 1]  # quantized and FP path: one prefix each
+    assert sorted(from_prefix.values()) == [0, 0]  # quantized and FP path
+    q, fp = first.values()
+    assert q is fp
     assert len(results["units"]) == 11
 
 
