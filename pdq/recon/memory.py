@@ -40,10 +40,10 @@ from pdq.recon.units import cut_points, data_path, enclosing, find_units
 MIB = 2 ** 20
 #: what a step holds at its peak: per byte of the unit's values (its quantizers on: the fused quantizers' saved
 #: inputs and masks, the mixed input, the gradients in flight), and per byte that autograd saves in the FP rest of
-#: the network (PD, from `probe`). Fitted to the measured peaks of ResNet-18 and ResNet-50 at 224x224 with 64
-#: images and checked on MobileNetV2 (docs/performance.md)
-UNIT_FACTOR = 2.6
-REST_FACTOR = 1.5
+#: the network (PD, from `probe`). Fitted to the measured peaks of ResNet-18, MobileNetV2 and ResNet-50 at
+#: 224x224 with 64 images, where the working set is most of the peak (docs/performance.md)
+UNIT_FACTOR = 2.5
+REST_FACTOR = 0.75
 #: what activation initialisation holds per value of the unit's largest activation (the activation, the
 #: observer's copy of it per channel, the quantized output), measured on ResNet-18 at 224x224
 INIT_FACTOR = 5.0
