@@ -69,7 +69,7 @@ class CacheStore:
         if self.kind == "disk":
             flat = self._file(numel, dtype)
         elif self.device.type == "cpu" and not self.pinned and nbytes >= OWN_PAGES_BYTES:
-            buf = mmap.mmap(-1, nbytes)
+            buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)  # anonymous, not shared memory
             flat = torch.frombuffer(buf, dtype=dtype, count=numel)  # keeps the mapping while it lives
             self._mapped.add(flat.data_ptr())
             weakref.finalize(buf, self._mapped.discard, flat.data_ptr())

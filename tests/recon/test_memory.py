@@ -131,6 +131,24 @@ def test_a_store_keeps_the_layout_and_the_values(kind, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_large_host_caches_get_pages_of_their_own_and_go_with_their_tensor():
+    import gc
+
+    from pdq.recon.store import OWN_PAGES_BYTES
+
+    store = CacheStore(None, torch.device("cpu"))
+    rows = OWN_PAGES_BYTES // (4 * 1024) + 1
+    big = store.empty((rows, 1024), torch.float32)
+    big.copy_(torch.arange(rows * 1024, dtype=torch.float32).view(rows, 1024))
+    assert store.owns(big) and store.owns(big[1:]) and len(store._mapped) == 1
+    assert big[-1, -1].item() == rows * 1024 - 1
+    heap = torch.empty(rows, 1024)
+    assert not store.owns(heap) and store.owns(store.put(heap))
+    del big
+    gc.collect()
+    assert len(store._mapped) == 0
+
+
 def test_the_cache_device_is_checked(make_cfg):
     from pdq.validate import validate
 
