@@ -82,17 +82,18 @@ def test_a_plan_that_does_not_fit_is_one_error_before_any_work(make_cfg, tmp_pat
 
 def test_the_plan_predicts_the_measured_peak(tmp_path):
     """A real run in its own process (the peak is the process's): ResNet-20 on 28x28 images with 1,024
-    calibration images, PD-Quant; the plan's host peak within 35 % of the measured one, and above what the
-    process held when it planned (the caches and the working sets add to it). The bound is loose: the same run
-    peaked at 1,529 and at 1,929 MiB on a loaded machine (malloc's arenas), against a plan of 1,283 MiB. It
-    catches a plan that is off by a cache per image; benchmarks/scale.py measures the plan at 224x224."""
+    calibration images, PD-Quant. The plan is not above the measured peak by more than 15 % and reaches at
+    least half of it, and it is above what the process held when it planned (the caches and the working sets
+    add to it). The lower bound is loose: the same run peaked at 1,529 and at 1,929 MiB on a loaded machine
+    (malloc's heap keeps what earlier stages freed), against a plan of about 1,300 MiB; benchmarks/scale.py
+    measures the plan at 224x224."""
     done = run_cli("method=pdquant", "calib.size=1024", "method.iters=2", "method.dc.steps=2", "logger=none",
                    "data.eval_subset=100", "paths.cache_dir=null", f"hydra.run.dir={tmp_path}", OMP_NUM_THREADS="1")
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
     plan = results["memory_plan"]
     planned, measured = plan["peak_mib"]["host"], results["peak_mib_per_rank"][0]["host"]
-    assert planned == pytest.approx(measured, rel=0.35), (planned, measured)
+    assert 0.5 * measured <= planned <= 1.15 * measured, (planned, measured)
     assert planned > plan["base_mib"]["host"] + plan["images"]["mib"] + 100
 
 
