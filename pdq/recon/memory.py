@@ -26,6 +26,7 @@ process's memory when the plan is made (the model, the data, the libraries; `bas
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -61,7 +62,8 @@ class Held:
 
     @property
     def mib(self) -> float:
-        return self.images * _numel(self.shape) * torch.empty((), dtype=getattr(torch, self.dtype)).element_size() / MIB
+        size = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        return self.images * math.prod(self.shape) * size / MIB
 
     def row(self) -> dict:
         return {**asdict(self), "mib": round(self.mib, 1)}
@@ -81,13 +83,6 @@ class Stage:
         place = {"cpu": "host", "disk": "disk"}
         total = sum(h.mib for h in self.held if place.get(h.where, "device") == where)
         return total + (self.working_mib if place.get(compute, "device") == where else 0.0)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 class _Probe(fx.Interpreter):
@@ -175,7 +170,7 @@ def unit_stages(gm: fx.GraphModule, phases: list[Phase], shapes: dict, saved: di
     stages = []
 
     def elems(name: str) -> int:
-        return _numel(shapes.get(name) or [])
+        return math.prod(shapes.get(name) or [])
 
     def cache(name, node, lifetime, dtype=cache_dtype, where=cache_where):
         return Held(name, shapes.get(node.name) or [], dtype, where, lifetime, images)
@@ -230,7 +225,7 @@ def unit_stages(gm: fx.GraphModule, phases: list[Phase], shapes: dict, saved: di
 def final_stage(gm: fx.GraphModule, shapes: dict, act_init_size: int, images: int) -> Stage:
     """The activation quantizers that no unit initialised, from `act_init_size` images through the whole
     quantized model (after the units; the only stage of a method without reconstruction)."""
-    largest = max((_numel(s) for s in shapes.values() if s), default=0)
+    largest = max((math.prod(s) for s in shapes.values() if s), default=0)
     return Stage("model", -1, "final", [], INIT_FACTOR * min(act_init_size, images) * largest * 4 / MIB)
 
 
