@@ -373,3 +373,26 @@ def test_keep_freed_memory_reuses_large_blocks_without_page_faults():
     faults = {mode: int(subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True,
                                        check=True, cwd=ROOT).stdout) for mode in ("default", "keep")}
     assert faults["default"] > 4 * 2 * 16_000 and faults["keep"] < 1_000, faults
+
+
+_TRIM = """
+import torch
+from pdq.host_memory import keep_freed_memory, release_freed_memory
+from pdq.recon.memory import host_rss_mib
+assert keep_freed_memory()
+blocks = [torch.ones(2**20) for _ in range(200)]  # 800 MiB in 4 MiB blocks, then all but one freed
+keep = blocks[-1]
+del blocks
+kept = host_rss_mib()
+assert release_freed_memory()
+print(kept, host_rss_mib())
+"""
+
+
+@pytest.mark.skipif(not glibc(), reason="release_freed_memory calls glibc's malloc_trim, and this Python has no glibc")
+def test_release_freed_memory_gives_the_kept_heap_back():
+    """Freed blocks below the heap's top stay resident under keep_freed_memory; malloc_trim gives their pages back
+    (the engine calls it between the stages of a unit)."""
+    kept, released = map(float, subprocess.run([sys.executable, "-c", _TRIM], capture_output=True, text=True,
+                                               check=True, cwd=ROOT).stdout.split())
+    assert kept - released > 600, (kept, released)
