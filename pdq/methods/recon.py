@@ -17,7 +17,7 @@ from pdq.recon.units import find_units, warn_about
 
 #: method keys that are no phase field: the YAML interpolates them into phases (optimiser learning rates,
 #: the steps of BRECQ's activation phase)
-KNOBS = ("round_lr", "scale_lr", "act_iters")
+KNOBS = ("round_lr", "scale_lr", "weight_scale_lr", "act_iters")
 
 
 def _reject_unknown(method: str, where: str, keys: dict, accepted: tuple[str, ...]) -> None:
@@ -40,6 +40,10 @@ class Reconstruction:
         defaults = {k: v for k, v in settings.items() if k in PHASE_KEYS}
         self.name, self.weight_observer, self.act_observer = name, weight_observer, act_observer
         self.phases = [p if isinstance(p, Phase) else Phase(**{**defaults, **p}) for p in phases]
+        if any(p.learn_weight_scale for p in self.phases) and not any(p.learns_weight_scales for p in self.phases):
+            raise PdqError("method.learn_weight_scale=true needs a phase with method.learn_rounding=true: the weight "
+                           "scales are learned with the rounding variables (Genie-M); accepted: learn_rounding=true, "
+                           "or learn_weight_scale=false")
 
     @property
     def iters(self) -> int:

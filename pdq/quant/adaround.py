@@ -1,6 +1,11 @@
 """AdaRound learned rounding (spec §1.5): W~ = s * (clamp(floor(W/s) + h(V) + z, q_min, q_max) - z) on the weight
 quantizer's grid (the papers' [0, 2^b - 1]),
-h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1), V initialised so that h(V) = frac(W/s)."""
+h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1), V initialised so that h(V) = frac(W/s).
+
+With `learn_scale` (Genie-M, `method.learn_weight_scale`) the per-channel scale s is a parameter learned with V.
+floor(W/s0) stays what it was at the initial scale s0, so W~ = s * (clamp(floor(W/s0) + h(V) + z, ...) - z): the
+rounding variables keep choosing between the same two codes while s stretches the channel's grid, and
+dW~/ds = clamp(...) - z, the code itself."""
 
 from __future__ import annotations
 
@@ -22,16 +27,21 @@ class AdaRoundQuantizer(nn.Module):
     weight (`soft_round`); inside `soft_rounding(...)` it hands that h(V) to the block's list, which the
     rounding regulariser of the same step takes as its argument."""
 
-    def __init__(self, base: WeightQuantizer, weight: torch.Tensor):
+    def __init__(self, base: WeightQuantizer, weight: torch.Tensor, learn_scale: bool = False):
         super().__init__()
         if not bool(base.initialized):
             raise RuntimeError("AdaRound needs a calibrated weight quantizer")
         self.bits, self.ch_axis, self.grid = base.bits, base.ch_axis, base.grid
-        self.register_buffer("scale", broadcast_to_channel(base.scale.detach().clone(), weight, base.ch_axis))
+        scale = broadcast_to_channel(base.scale.detach().clone(), weight, base.ch_axis)
+        if learn_scale:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
         self.register_buffer("zero_point", broadcast_to_channel(base.zero_point.detach().clone(), weight,
                                                                 base.ch_axis))
         w = weight.detach()
-        frac = w / self.scale - torch.floor(w / self.scale)
+        self.register_buffer("floor", torch.floor(w / scale))  # floor(W/s0): fixed while s is learned
+        frac = w / scale - self.floor
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1))
         self.soft = True
         self.h_sink: Callable[[torch.Tensor], None] | None = None  # where a soft forward hands its h(V)
@@ -43,19 +53,25 @@ class AdaRoundQuantizer(nn.Module):
     def h(self) -> torch.Tensor:
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
-    def soft_round(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def learns_scale(self) -> bool:
+        return isinstance(self.scale, nn.Parameter)
+
+    def soft_round(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The soft-rounded weight and h(V), one autograd node (`_SoftRound`)."""
-        return _SoftRound.apply(self.alpha, w, self.scale, self.zero_point, self.grid.q_min, self.grid.q_max)
+        return _SoftRound.apply(self.alpha, self.floor, self.scale, self.zero_point, self.grid.q_min,
+                                self.grid.q_max)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        """The layer's quantized weight (`w`, the layer's weight, is the one this quantizer was built on)."""
         if self.soft:
-            y, h = self.soft_round(w)
+            y, h = self.soft_round()
             if self.h_sink is not None:
                 self.h_sink(h)
             return y
-        q = torch.clamp(torch.floor(w / self.scale) + (self.alpha >= 0).to(w.dtype) + self.zero_point,
-                        self.grid.q_min, self.grid.q_max)
-        return from_codes(q, self.scale, self.zero_point)
+        q = torch.clamp(self.floor + (self.alpha >= 0).to(w.dtype) + self.zero_point, self.grid.q_min,
+                        self.grid.q_max)
+        return from_codes(q, self.scale.detach(), self.zero_point)
 
     def harden(self) -> None:
         self.soft = False
@@ -77,26 +93,29 @@ def soft_rounding(quantizers: list[AdaRoundQuantizer]) -> Iterator[list[torch.Te
 
 
 class _SoftRound(torch.autograd.Function):
-    """The soft-rounded weight s * (clamp(floor(W/s) + h(V) + z, q_min, q_max) - z) and h(V) itself, as one autograd
-    node: the same values and gradients (for V) as autograd's graph of the formula, in about half the operations
-    (on weight-sized tensors their count, not their size, is the cost)."""
+    """The soft-rounded weight s * (clamp(floor + h(V) + z, q_min, q_max) - z) and h(V) itself, as one autograd node:
+    the same values and gradients (for V, and for s when it is learned) as autograd's graph of the formula, in
+    about half the operations (on weight-sized tensors their count, not their size, is the cost)."""
 
     @staticmethod
-    def forward(ctx, alpha, w, scale, zero_point, q_min, q_max):
+    def forward(ctx, alpha, floor, scale, zero_point, q_min, q_max):
         sig = torch.sigmoid(alpha)
         h = torch.mul(sig, ZETA - GAMMA).add_(GAMMA).clamp_(0, 1)
-        grid = torch.div(w, scale).floor_().add_(h).add_(zero_point)
+        grid = torch.add(floor, h).add_(zero_point)
         y = grid.clamp(q_min, q_max).sub_(zero_point).mul_(scale)
-        ctx.save_for_backward(sig, h, grid, scale)
+        ctx.save_for_backward(sig, h, grid, scale, zero_point)
         ctx.q_min, ctx.q_max = q_min, q_max
         ctx.set_materialize_grads(False)  # no zeros for h's gradient where h is not used (the warm-up)
         return y, h
 
     @staticmethod
     def backward(ctx, grad_y, grad_h):
-        sig, h, grid, scale = ctx.saved_tensors
+        sig, h, grid, scale, zero_point = ctx.saved_tensors
+        grad_scale = None
+        if ctx.needs_input_grad[2] and grad_y is not None:  # dy/ds = the code, clamp(grid) - z
+            grad_scale = grid.clamp(ctx.q_min, ctx.q_max).sub_(zero_point).mul_(grad_y).sum_to_size(scale.shape)
         grad = inside_grid(grad_y * scale, grid, ctx.q_min, ctx.q_max)  # dy/dh = s inside the grid (as torch.clamp)
         if grad_h is not None:
             grad.add_(grad_h)
         grad = inside_grid(grad, h, 0, 1, out=grad).mul_(ZETA - GAMMA)  # h's clamp to [0, 1]
-        return torch.ops.aten.sigmoid_backward(grad, sig), None, None, None, None, None
+        return torch.ops.aten.sigmoid_backward(grad, sig), None, grad_scale, None, None, None

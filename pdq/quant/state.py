@@ -11,6 +11,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from pdq.distributed import SINGLE, Dist
+from pdq.errors import PdqError
 from pdq.quant.adaround import AdaRoundQuantizer
 from pdq.quant.graph import quant_layer_names
 from pdq.quant.observers import Observer
@@ -47,24 +48,33 @@ def full_precision(module: nn.Module):
 
 
 @contextlib.contextmanager
-def adaround(layers: list[nn.Module]):
-    """AdaRound variables for the weights of `layers` (those whose weight quantizer is active); yields
-    their `AdaRoundQuantizer`s. On exit the rounding is hardened and written into the weights (hard-rounded
-    grid values, on which the layer's own quantizer is idempotent) and each layer gets its quantizer back."""
+def adaround(layers: list[nn.Module], learn_scale: bool = False):
+    """AdaRound variables for the weights of `layers` (those whose weight quantizer is active), with learned
+    weight scales when `learn_scale` (Genie-M); yields their `AdaRoundQuantizer`s. On exit the rounding is
+    hardened and written into the weights (hard-rounded grid values), each layer gets its quantizer back, and a
+    learned scale becomes that quantizer's scale (on which grid the weights then lie: the quantizer is
+    idempotent on them). A learned scale that is not positive is an error naming the layer."""
     bases = [layer.weight_quant for layer in layers]
     for layer in layers:
         if layer.weight_quant.active:
-            layer.weight_quant = AdaRoundQuantizer(layer.weight_quant, layer.weight)
+            layer.weight_quant = AdaRoundQuantizer(layer.weight_quant, layer.weight, learn_scale)
     try:
         yield [layer.weight_quant for layer in layers if isinstance(layer.weight_quant, AdaRoundQuantizer)]
     finally:
         for layer, base in zip(layers, bases):
             ada = layer.weight_quant
-            if isinstance(ada, AdaRoundQuantizer):
-                ada.harden()
-                with torch.no_grad():
-                    layer.weight.copy_(ada(layer.weight))
             layer.weight_quant = base
+            if not isinstance(ada, AdaRoundQuantizer):
+                continue
+            ada.harden()
+            with torch.no_grad():
+                layer.weight.copy_(ada(layer.weight))
+            if ada.learns_scale:
+                if not bool((ada.scale > 0).all()):
+                    raise PdqError(f"a learned weight scale of {type(layer).__name__} with weight "
+                                   f"{list(layer.weight.shape)} reached {ada.scale.min().item():.3g}; accepted: "
+                                   "scales > 0 (lower method.weight_scale_lr)")
+                base.set_qparams(ada.scale.detach(), base.zero_point)
 
 
 @contextlib.contextmanager

@@ -30,7 +30,6 @@ import torch
 from torch import fx
 
 from pdq.context import RunContext, stream_seed
-from pdq.host_memory import release_freed_memory
 from pdq.io import atomic_torch_save
 from pdq.quant.graph import ancestors, backend_of, is_act_quant, quantize_model
 from pdq.quant.observers import Observer
@@ -242,9 +241,7 @@ class ReconstructionEngine:
             x_q = self.inputs["q"](unit.input.name)
         x_fp = self.inputs["fp"](unit.input.name)
         if phase.dc.enabled:
-            release_freed_memory()
             x_fp, work.dc_info = self.correct(unit, phase.dc, x_fp)
-            release_freed_memory()
         y_fp = self.run_batched(self.fp_segment(unit), x_fp)
         logits = self.logits() if phase.uses_pd else None
         rest_input = None if work.outer is None else self.inputs["outer"](work.outer.input.name)
@@ -285,7 +282,6 @@ class ReconstructionEngine:
         """The unit's segment, its caches (DC-corrected FP inputs when DC is on; DC's losses logged at the
         unit's first step) and its activation quantizers (initialised when the phase quantizes activations)."""
         work.seg = segment(self.gm, work.unit)
-        release_freed_memory()  # each stage's working set starts on a trimmed heap (`release_freed_memory`)
         self.cache(work)
         if work.dc_info and self.ctx.logger is not None:
             self.ctx.logger.log_metrics({f"{work.name}/{k}": v for k, v in work.dc_info.items()
@@ -293,7 +289,6 @@ class ReconstructionEngine:
         work.lap("cache_s")
         work.acts = [self.gm.get_submodule(n) for n in work.unit.act_quants(self.gm)]
         if work.phase.act_quant:
-            release_freed_memory()
             self.init_activations(work.seg, work.caches)
         work.lap("act_init_s")
 
@@ -316,8 +311,7 @@ class ReconstructionEngine:
         gen = torch.Generator().manual_seed(stream_seed(ctx.seed, p, i, 2 * rank))
         mask_gen = torch.Generator(device=ctx.device).manual_seed(stream_seed(ctx.seed, p, i, 2 * rank + 1))
         rest = suffix(gm, unit.output, work.outer and work.outer.input) if phase.uses_pd else None
-        release_freed_memory()
-        with (adaround(layers if phase.learn_rounding else []) as adarounds,
+        with (adaround(layers if phase.learn_rounding else [], phase.learns_weight_scales) as adarounds,
               learned_scales(acts if phase.learns_scales else []) as scales,
               dropping(acts, phase.drop_prob, mask_gen),
               full_precision(rest if rest is not None else torch.nn.Identity())):  # the rest stays FP (spec §5.2)

@@ -48,6 +48,9 @@ REST_FACTOR = 0.75
 #: what activation initialisation holds per value of the unit's largest activation (the activation, the
 #: observer's copy of it per channel, the quantized output), measured on ResNet-18 at 224x224
 INIT_FACTOR = 5.0
+#: a plan fits where its peak times this is available: the measured peaks at 224x224 were up to 17 % above the plan
+#: (docs/performance.md), and a run that passes the check should not meet the kernel's out-of-memory killer
+FIT_MARGIN = 1.15
 
 
 @dataclass
@@ -261,8 +264,10 @@ def _where(row: dict) -> str:
 
 
 def does_not_fit(p: dict) -> list[str]:
-    """The places ('host', 'device') where the plan's peak exceeds what is available."""
-    return [k for k, v in p["peak_mib"].items() if p["available_mib"].get(k) is not None and v > p["available_mib"][k]]
+    """The places ('host', 'device') where the plan's peak, with the `FIT_MARGIN` for its estimate, exceeds what
+    is available."""
+    return [k for k, v in p["peak_mib"].items()
+            if p["available_mib"].get(k) is not None and v * FIT_MARGIN > p["available_mib"][k]]
 
 
 def describe(p: dict) -> list[str]:
@@ -380,6 +385,8 @@ def check_fits(p: dict, dist=None) -> None:
     hint = ("; settings that fit: " + ", ".join(f"{k} (peak {v / 1024:.1f} GiB)" for k, v in fits.items())
             if fits else "; no single setting fits: combine calib.cache_dtype=float16, calib.cache_device and a "
                          "smaller calib.size")
-    raise PdqError(f"the memory plan needs {p['peak_mib'][where] / 1024:.1f} GiB of {where} memory at "
-                   f"{p['peak_at'][where]}, {p['available_mib'][where] / 1024:.1f} GiB is available "
-                   f"(memory_limit_mib.{where}){hint}. `plan_only=true` prints the plan")
+    peak = p["peak_mib"][where]
+    raise PdqError(f"the memory plan needs {peak / 1024:.1f} GiB of {where} memory at {p['peak_at'][where]} "
+                   f"({peak * FIT_MARGIN / 1024:.1f} GiB with {FIT_MARGIN - 1:.0%} of room for its estimate), "
+                   f"{p['available_mib'][where] / 1024:.1f} GiB is available (memory_limit_mib.{where}){hint}. "
+                   "`plan_only=true` prints the plan")

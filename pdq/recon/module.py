@@ -92,15 +92,19 @@ class UnitReconstruction(L.LightningModule):
         self.last: dict[str, float] = {}  # the loss terms of the latest step that read them (`reads_losses`)
 
     def configure_optimizers(self):
-        """The phase's partial optimisers (and the scales' LR scheduler) over what this unit learns."""
-        opts, scheds = [], []
-        if len(self.adarounds):
-            opts.append(self.phase.round_optimizer([q.alpha for q in self.adarounds]))
-        if len(self.scales):
-            opt = self.phase.scale_optimizer(list(self.scales))
-            opts.append(opt)
-            if self.phase.scale_scheduler is not None:
-                scheds.append(self.phase.scale_scheduler(opt))
+        """The phase's partial optimisers (and the scales' LR scheduler) over what this unit learns; what each
+        learns (round, scale: the activations', weight_scale) goes into `optimizer_names`, for the lr logs."""
+        opts, scheds, ph = [], [], self.phase
+        self.optimizer_names = []
+        for name, params, make in (("round", [q.alpha for q in self.adarounds], ph.round_optimizer),
+                                   ("scale", list(self.scales), ph.scale_optimizer),
+                                   ("weight_scale", [q.scale for q in self.adarounds if q.learns_scale],
+                                    ph.weight_scale_optimizer)):
+            if params:
+                opts.append(make(params))
+                self.optimizer_names.append(name)
+                if name != "round" and ph.scale_scheduler is not None:
+                    scheds.append(ph.scale_scheduler(opts[-1]))
         return opts, scheds
 
     def unit_input(self, idx: torch.Tensor, x_q: torch.Tensor | None = None) -> torch.Tensor:
@@ -179,9 +183,8 @@ class UnitReconstruction(L.LightningModule):
         self.last = {k: float(v.detach()) for k, v in terms.items()}
         if self.logger is not None:
             metrics = {f"{self.log_prefix}/{k}": v for k, v in self.last.items()}
-            for i, opt in enumerate(opts):
-                metrics[f"{self.log_prefix}/lr_{'round' if i == 0 and len(self.adarounds) else 'scale'}"] = \
-                    opt.param_groups[0]["lr"]
+            for name, opt in zip(self.optimizer_names, opts):
+                metrics[f"{self.log_prefix}/lr_{name}"] = opt.param_groups[0]["lr"]
             self.logger.log_metrics(metrics, step=self.step_offset + self.t)
 
 

@@ -43,13 +43,16 @@ class Phase:
     iters: int                      # optimisation steps per unit
     learn_rounding: bool            # AdaRound variables of the unit's layers
     learn_act_scale: bool           # LSQ scales of the unit's activation quantizers
+    learn_weight_scale: bool        # Genie-M: the per-channel weight scales, learned with the rounding variables
+    #                                 (in a phase that learns them: `learns_weight_scales`)
     act_quant: bool                 # activation quantization on while reconstructing
     drop_prob: float                # QDrop: probability an activation element is quantized (1 = always)
     input_prob: float               # probability a unit-input element comes from the quantized path
     rec_p: float                    # exponent of the reconstruction term
     round_optimizer: Callable | None    # partial optimiser of the AdaRound variables
     scale_optimizer: Callable | None    # partial optimiser of the activation scales
-    scale_scheduler: Callable | None    # partial LR scheduler of the activation scales
+    weight_scale_optimizer: Callable | None  # partial optimiser of the weight scales
+    scale_scheduler: Callable | None    # partial LR scheduler of the activation and the weight scales
     round_weight: float             # weight of AdaRound's rounding regulariser
     warmup: float                   # share of the steps before the rounding regulariser starts
     b_range: tuple[float, float]    # its beta, from start to end
@@ -63,7 +66,7 @@ class Phase:
         self.dc = DCConfig(**self.dc) if isinstance(self.dc, dict) else self.dc
         check_choice("method.pattern", self.pattern, PATTERNS)
         check_int("method.iters", self.iters, 0)
-        for key in ("learn_rounding", "learn_act_scale", "act_quant", "pd_branch_drop"):
+        for key in ("learn_rounding", "learn_act_scale", "learn_weight_scale", "act_quant", "pd_branch_drop"):
             check_bool(f"method.{key}", getattr(self, key))
         check_float("method.drop_prob", self.drop_prob, 0, 1)
         check_float("method.input_prob", self.input_prob, 0, 1)
@@ -76,7 +79,8 @@ class Phase:
         self.b_range = tuple(check_float("method.b_range", b, 0, lo_open=True) for b in self.b_range)
         check_float("method.temperature", self.temperature, 0, lo_open=True)
         for key, lr_key, used in (("round_optimizer", "round_lr", self.learn_rounding),
-                                  ("scale_optimizer", "scale_lr", self.learns_scales)):
+                                  ("scale_optimizer", "scale_lr", self.learns_scales),
+                                  ("weight_scale_optimizer", "weight_scale_lr", self.learns_weight_scales)):
             optimizer = getattr(self, key)
             if used and optimizer is None:
                 raise PdqError(f"method.{key} is missing; accepted: a partial optimiser (see conf/method/_recon.yaml)")
@@ -90,6 +94,10 @@ class Phase:
     @property
     def learns_scales(self) -> bool:
         return self.learn_act_scale and self.act_quant
+
+    @property
+    def learns_weight_scales(self) -> bool:
+        return self.learn_weight_scale and self.learn_rounding
 
     @property
     def trains(self) -> bool:

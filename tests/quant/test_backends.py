@@ -308,15 +308,20 @@ def test_a_backend_run_records_its_plan_and_onnxruntime_agrees_with_its_evaluati
         assert (ours - theirs).abs().max() <= steps * head_step(model)
 
 
-@pytest.mark.parametrize("method, backend", [("adaround", "onnxruntime"), ("pdquant", "tensorrt")])
-def test_reconstruction_methods_run_under_a_runtime_backend_and_export_what_they_optimised(method, backend, tmp_path,
-                                                                                            data):
-    """The engine treats the backend's extra quantizers as ordinary ones (units, caches, DC, LSQ): AdaRound's
-    single-layer units and PD-Quant's blocks both run, and the exported model gives the run's logits."""
+@pytest.mark.parametrize("method, backend, learn_weight_scale", [("adaround", "onnxruntime", False),
+                                                                ("pdquant", "tensorrt", False),
+                                                                ("qdrop", "onnxruntime", True)])
+def test_reconstruction_methods_run_under_a_runtime_backend_and_export_what_they_optimised(method, backend,
+                                                                                            learn_weight_scale,
+                                                                                            tmp_path, data):
+    """The engine treats the backend's extra quantizers as ordinary ones (units, caches, DC, LSQ, learned weight
+    scales): AdaRound's single-layer units and PD-Quant's blocks both run, and the exported model gives the run's
+    logits (with learned weight scales, on the symmetric int8 grid and its int32 biases)."""
     from pdq.pipeline import run
 
     results = run(compose_config(f"method={method}", "quant=w4a4", f"quant.backend={backend}", "logger=none",
                                  "calib.size=64", "calib.act_init_size=64", "method.iters=2",
+                                 f"method.learn_weight_scale={learn_weight_scale}",
                                  f"data.eval_subset={EVAL}", f"paths.output_dir={tmp_path}", "paths.cache_dir=null",
                                  "export=onnx"))
     acts = {a for row in results["unit_table"] for a in row["act_quants"]}

@@ -70,12 +70,13 @@ def test_a_plan_that_does_not_fit_is_one_error_before_any_work(make_cfg, tmp_pat
     f32 = _plan(make_cfg, tmp_path / "a", "calib.size=64")["peak_mib"]["host"]
     f16 = _plan(make_cfg, tmp_path / "b", "calib.size=64", "calib.cache_dtype=float16")["peak_mib"]["host"]
     assert f16 < f32
-    limit = (f16 + f32) / 2
+    limit = memory.FIT_MARGIN * (f16 + f32) / 2  # a plan fits with room for its estimate
     with pytest.raises(PdqError) as e:
         run(make_cfg(*TINY, "method=pdquant", "calib.size=64", f"memory_limit_mib.host={limit}",
                      f"paths.output_dir={tmp_path / 'c'}"))
     message = str(e.value)
     assert f"{f32 / 1024:.1f} GiB of host memory" in message and f"{limit / 1024:.1f} GiB is available" in message
+    assert f"{f32 * memory.FIT_MARGIN / 1024:.1f} GiB with 15% of room" in message
     assert "calib.cache_dtype=float16" in message and "calib.size=" in message and "calib.cache_device=disk" in message
     assert not (tmp_path / "c" / "quantized_model.pt").exists() and not (tmp_path / "c" / "recon_state.pt").exists()
 

@@ -228,3 +228,46 @@ def test_fp_path_ignores_rounding_written_into_finished_units():
         reference = prefix(fresh, next(n for n in fresh.graph.nodes if n.name == units[3].input.name))(calib)
     torch.testing.assert_close(after.x_fp, reference, rtol=0, atol=0)
     torch.testing.assert_close(after.logits, model.eval()(calib), rtol=1e-4, atol=1e-4)
+
+
+def test_learned_weight_scales_move_by_their_lr_and_the_weights_end_on_their_grid(make_cfg, tmp_path):
+    """method.learn_weight_scale=true (Genie-M): the weight scales leave the observer's values, each Adam step by
+    at most about the YAML's weight_scale_lr, and every layer's weights end on the grid of its learned scale (the
+    checkpoint's codes are exact); false keeps the observer's scales."""
+    from pdq.pipeline import run
+
+    iters, states = 12, {}
+    for learn in (False, True):
+        cfg = make_cfg("model=resnet20_fmnist", "method=qdrop", "quant=w2a4", f"method.iters={iters}",
+                       f"method.learn_weight_scale={learn}", "calib.size=32", "calib.act_init_size=32",
+                       "data.eval_subset=200", "logger=none", "paths.cache_dir=null",
+                       f"paths.output_dir={tmp_path / str(learn)}")
+        run(cfg)
+        states[learn] = torch.load(tmp_path / str(learn) / "quantized_model.pt")
+    lr = cfg.method.weight_scale_lr
+    scales = [k for k in states[True] if k.endswith("weight_quant.scale")]
+    moved = [(states[True][k] - states[False][k]).abs().max().item() for k in scales]
+    assert sum(m > 0 for m in moved) >= 0.8 * len(scales) and max(moved) <= 1.5 * iters * lr, moved
+    for k in scales:
+        layer = k.removesuffix("weight_quant.scale")
+        w, z = states[True][layer + "weight"], states[True][layer + "weight_quant.zero_point"]
+        codes = w / states[True][k].view(-1, *[1] * (w.dim() - 1)) + z.view(-1, *[1] * (w.dim() - 1))
+        assert (codes - codes.round()).abs().max() < 1e-3, layer
+
+
+def test_a_learned_weight_scale_that_is_not_positive_is_an_error_naming_the_layer():
+    from pdq.errors import PdqError
+    from pdq.quant.modules import QuantConv2d
+    from pdq.quant.state import adaround
+
+    layer = QuantConv2d.from_float(torch.nn.Conv2d(3, 4, 3), bits=4)
+    layer.weight_quant.observe(layer.weight, MinMaxObserver())
+    with pytest.raises(PdqError, match=r"QuantConv2d with weight \[4, 3, 3, 3\] reached -0.5.*weight_scale_lr"):
+        with adaround([layer], learn_scale=True) as (ada,):
+            with torch.no_grad():
+                ada.scale[1] = -0.5
+    with adaround([layer], learn_scale=True) as (ada,):  # a positive one becomes the layer's quantizer's scale
+        with torch.no_grad():
+            ada.scale.mul_(1.5)
+        learned = ada.scale.detach().reshape(-1).clone()
+    assert torch.equal(layer.weight_quant.scale, learned)

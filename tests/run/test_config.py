@@ -117,17 +117,20 @@ RECONSTRUCTION = [m for m in options("method") if not m.startswith("rtn_")]
 
 @pytest.mark.parametrize("name", RECONSTRUCTION)
 def test_every_phase_fits_with_the_composed_learning_rates_and_steps(make_cfg, name):
-    """One source per setting: the optimisers a unit's fit builds use the composed method's round_lr and
-    scale_lr, and the scale schedule spans the phase's steps (BRECQ's activation phase: act_iters)."""
+    """One source per setting: the optimisers a unit's fit builds use the composed method's round_lr, scale_lr and
+    weight_scale_lr (with learn_weight_scale=true), and the scale schedule spans the phase's steps (BRECQ's
+    activation phase: act_iters)."""
     import torch
 
     from pdq.recon.module import UnitReconstruction
 
-    cfg = make_cfg(f"method={name}", "method.iters=7", *(["method.act_iters=5"] if name == "brecq" else []))
+    base = [f"method={name}", "method.iters=7", *(["method.act_iters=5"] if name == "brecq" else [])]
+    rounding = any(p.learn_rounding for p in instantiate(make_cfg(*base).method).phases)
+    cfg = make_cfg(*base, f"method.learn_weight_scale={rounding}")
     method = instantiate(cfg.method)
     for i, phase in enumerate(method.phases):
-        ada = type("Ada", (nn.Module,), {})()
-        ada.alpha = nn.Parameter(torch.zeros(3))
+        ada = type("Ada", (nn.Module,), {"learns_scale": True})()
+        ada.alpha, ada.scale = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.ones(3))
         module = UnitReconstruction(nn.Identity(), None, phase, adarounds=[ada] if phase.learn_rounding else [],
                                     scales=[nn.Parameter(torch.ones(()))] if phase.learns_scales else [],
                                     mask_generator=torch.Generator(), log_prefix="u", step_offset=0,
@@ -135,8 +138,12 @@ def test_every_phase_fits_with_the_composed_learning_rates_and_steps(make_cfg, n
         opts, scheds = module.configure_optimizers()
         lrs = ([cfg.method.round_lr] if phase.learn_rounding else []) + ([cfg.method.scale_lr] if phase.learns_scales
                                                                           else [])
+        lrs += [cfg.method.weight_scale_lr] if phase.learn_rounding else []
         assert [o.param_groups[0]["lr"] for o in opts] == lrs and lrs, (name, i)
-        assert [s.T_max for s in scheds] == ([phase.iters] if phase.learns_scales else [])
+        assert module.optimizer_names == [k for k, on in (("round", phase.learn_rounding),
+                                                          ("scale", phase.learns_scales),
+                                                          ("weight_scale", phase.learn_rounding)) if on]
+        assert [s.T_max for s in scheds] == [phase.iters] * (phase.learns_scales + phase.learn_rounding)
         assert phase.iters == (5 if (name, i) == ("brecq", 1) else 7)
         assert phase.temperature == cfg.model.ptq.temperature and phase.round_weight == cfg.model.ptq.round_weight
         assert phase.dc.lambda_c == cfg.model.ptq.lambda_c and phase.dc.steps == cfg.model.ptq.dc_steps
@@ -166,6 +173,8 @@ def test_an_unknown_method_key_is_one_error_naming_it(make_cfg, name):
     ("method.b_range=[20]", "method.b_range=.*two numbers"),
     ("method.pattern=blocks", "method.pattern='blocks' .*block, layer"),
     ("method.learn_rounding=2", "method.learn_rounding=2 .*true or false"),
+    ("method.learn_weight_scale=yes", "method.learn_weight_scale='yes' .*true or false"),
+    ("method.weight_scale_lr=0", "method.weight_scale_lr=0 .*> 0"),
     ("method.weight_observer.p=0", "p=0 .*> 0"),
     ("method.act_observer.grid=0", "grid=0 .*>= 1"),
     ("method.act_observer.max_samples=-3", "max_samples=-3 .*>= 1"),
@@ -173,6 +182,11 @@ def test_an_unknown_method_key_is_one_error_naming_it(make_cfg, name):
 def test_bad_method_values_are_one_error(make_cfg, override, message):
     with pytest.raises(PdqError, match=message):
         instantiate(make_cfg("method=pdquant", override).method)
+
+
+def test_learned_weight_scales_need_the_rounding_variables(make_cfg):
+    with pytest.raises(PdqError, match="learn_weight_scale=true needs a phase with method.learn_rounding=true.*accepted"):
+        instantiate(make_cfg("method=qdrop", "method.learn_weight_scale=true", "method.learn_rounding=false").method)
 
 
 def test_nothing_to_learn_from_is_refused_up_front(make_cfg):

@@ -19,8 +19,8 @@ from pdq.recon.dc import correct
 from pdq.resume import STATE_FILE
 from tests.conftest import ROOT, kill_after_unit, make_dc, run_cli
 
-CELL = ["method=qdrop", "method.iters=10", "quant=w2a4", "calib.size=64", "calib.act_init_size=32",
-        "data.eval_subset=1000", "paths.cache_dir=null", "logger=csv"]
+CELL = ["method=qdrop", "method.iters=10", "method.learn_weight_scale=true", "quant=w2a4", "calib.size=64",
+        "calib.act_init_size=32", "data.eval_subset=1000", "paths.cache_dir=null", "logger=csv"]
 RUN = ["trainer=ddp_cpu", "trainer.devices=2", *CELL]
 
 
@@ -62,6 +62,7 @@ def test_only_rank_zero_writes(runs):
         return header, [r.split(",")[header.split(",").index("step")] for r in rows]
 
     assert logged(two) == logged(one)  # one writer: the same keys and rows as one process
+    assert "u01_layer1.0/lr_weight_scale" in logged(two)[0]  # learned weight scales, all-reduced as the rest
 
 
 def test_kill_then_resume_under_ddp_matches_uninterrupted(runs, tmp_path):
