@@ -31,9 +31,13 @@ WALL_FILE = "wall_time.json"
 #: where a resumed run keeps the CSV rows of its earlier parts while Lightning's CSVLogger writes a new file
 EARLIER_METRICS = ".metrics_earlier.csv"
 
-#: trainer keys that conf/trainer/_base.yaml did not always set: runs saved before it did ran with Lightning's
-#: defaults for them (what a saved fingerprint or results.json without the key means)
-SAVED_BEFORE = {"trainer.strategy": "auto", "trainer.num_nodes": 1}
+#: a key of `SAVED_BEFORE` whose value did not matter in runs saved before it existed (its feature was off)
+UNUSED = object()
+#: keys that the configs did not always have, with what a saved fingerprint or results.json without the key means:
+#: conf/trainer/_base.yaml did not always set strategy and num_nodes (Lightning's defaults ran), and the weight
+#: scales were not learned before `method.learn_weight_scale` existed (its lr and optimiser then played no part)
+SAVED_BEFORE = {"trainer.strategy": "auto", "trainer.num_nodes": 1, "method.learn_weight_scale": False,
+                "method.weight_scale_lr": UNUSED, "method.weight_scale_optimizer": UNUSED}
 #: where the caches live: no result depends on it, and the fingerprint leaves it out (a path is not portable)
 CACHE_PLACE = ("calib.cache_device", "calib.spill_dir")
 #: settings that change no result: a resumed (or finished) run may differ in them
@@ -57,6 +61,12 @@ def _show(value) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
 
+def _unused_before(key: str) -> bool:
+    """Whether `key` (or a group it is in) played no part in runs saved before it existed (`SAVED_BEFORE`)."""
+    parts = key.split(".")
+    return any(SAVED_BEFORE.get(".".join(parts[:i])) is UNUSED for i in range(1, len(parts) + 1))
+
+
 def settings_diff(saved: dict | None, cfg: DictConfig, limit: int = 8) -> list[str]:
     """The settings in which `saved` (a fingerprint, or a results.json config) differs from this run's config,
     each as `key: <saved> (saved) vs <now> (now)`."""
@@ -66,9 +76,11 @@ def settings_diff(saved: dict | None, cfg: DictConfig, limit: int = 8) -> list[s
         if group not in saved:
             diffs.append(f"{group}: not recorded (saved) vs {_show(now[group])} (now)")
             continue
-        a = {**{k: v for k, v in SAVED_BEFORE.items() if k.startswith(f"{group}.")}, **flatten(saved[group], group)}
-        b = flatten(now[group], group)
+        recorded, b = flatten(saved[group], group), flatten(now[group], group)
+        a = {**{k: v for k, v in SAVED_BEFORE.items() if k in b}, **recorded}
         for key in sorted((a.keys() | b.keys()) - NO_RESULT):
+            if key not in recorded and _unused_before(key):
+                continue
             if a.get(key, "<absent>") != b.get(key, "<absent>"):
                 diffs.append(f"{key}: {_show(a.get(key, '<absent>'))} (saved) vs {_show(b.get(key, '<absent>'))} (now)")
     if len(diffs) > limit:

@@ -23,9 +23,9 @@ ZETA, GAMMA = 1.1, -0.1
 
 class AdaRoundQuantizer(nn.Module):
     """Replaces a layer's (calibrated) `WeightQuantizer` while its unit is reconstructed. `soft=True`
-    uses h(V); after `harden()` rounding is floor(W/s) + 1[V >= 0]. A soft forward computes h(V) with the
-    weight (`soft_round`); inside `soft_rounding(...)` it hands that h(V) to the block's list, which the
-    rounding regulariser of the same step takes as its argument."""
+    uses h(V); after `harden()` rounding is floor(W/s0) + 1[V >= 0] (s0: the scale it was built with). A soft
+    forward computes the weight and h(V) together (`soft_round`); inside `soft_rounding(...)` it hands that h(V)
+    to the block's list, which the rounding regulariser of the same step takes as its argument."""
 
     def __init__(self, base: WeightQuantizer, weight: torch.Tensor, learn_scale: bool = False):
         super().__init__()
@@ -40,7 +40,8 @@ class AdaRoundQuantizer(nn.Module):
         self.register_buffer("zero_point", broadcast_to_channel(base.zero_point.detach().clone(), weight,
                                                                 base.ch_axis))
         w = weight.detach()
-        self.register_buffer("floor", torch.floor(w / scale))  # floor(W/s0): fixed while s is learned
+        # floor(W/s0), fixed while s is learned: no buffer, which DDP would broadcast at every step
+        self.floor = torch.floor(w / scale)
         frac = w / scale - self.floor
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1))
         self.soft = True
@@ -111,11 +112,14 @@ class _SoftRound(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, grad_h):
         sig, h, grid, scale, zero_point = ctx.saved_tensors
-        grad_scale = None
-        if ctx.needs_input_grad[2] and grad_y is not None:  # dy/ds = the code, clamp(grid) - z
-            grad_scale = grid.clamp(ctx.q_min, ctx.q_max).sub_(zero_point).mul_(grad_y).sum_to_size(scale.shape)
-        grad = inside_grid(grad_y * scale, grid, ctx.q_min, ctx.q_max)  # dy/dh = s inside the grid (as torch.clamp)
+        grad_scale = grad = None
+        if grad_y is not None:
+            if ctx.needs_input_grad[2]:  # dy/ds = the code, clamp(grid) - z
+                grad_scale = grid.clamp(ctx.q_min, ctx.q_max).sub_(zero_point).mul_(grad_y).sum_to_size(scale.shape)
+            grad = inside_grid(grad_y * scale, grid, ctx.q_min, ctx.q_max)  # dy/dh = s inside the grid (torch.clamp)
         if grad_h is not None:
-            grad.add_(grad_h)
+            grad = grad_h.clone() if grad is None else grad.add_(grad_h)
+        if grad is None:
+            return None, None, grad_scale, None, None, None
         grad = inside_grid(grad, h, 0, 1, out=grad).mul_(ZETA - GAMMA)  # h's clamp to [0, 1]
         return torch.ops.aten.sigmoid_backward(grad, sig), None, grad_scale, None, None, None

@@ -48,20 +48,24 @@ def full_precision(module: nn.Module):
 
 
 @contextlib.contextmanager
-def adaround(layers: list[nn.Module], learn_scale: bool = False):
+def adaround(layers: list[nn.Module], learn_scale: bool = False, names: list[str] | None = None):
     """AdaRound variables for the weights of `layers` (those whose weight quantizer is active), with learned
-    weight scales when `learn_scale` (Genie-M); yields their `AdaRoundQuantizer`s. On exit the rounding is
-    hardened and written into the weights (hard-rounded grid values), each layer gets its quantizer back, and a
-    learned scale becomes that quantizer's scale (on which grid the weights then lie: the quantizer is
-    idempotent on them). A learned scale that is not positive is an error naming the layer."""
+    weight scales when `learn_scale` (Genie-M); yields their `AdaRoundQuantizer`s. On exit every layer gets its
+    quantizer back, the rounding is hardened and written into the weights (hard-rounded grid values), and a
+    learned scale becomes that quantizer's scale (on which grid the weights then lie: the quantizer is idempotent
+    on them). Learned scales that are not positive are then one error naming the layers (`names`), unless the
+    block is already ending with an error."""
     bases = [layer.weight_quant for layer in layers]
     for layer in layers:
         if layer.weight_quant.active:
             layer.weight_quant = AdaRoundQuantizer(layer.weight_quant, layer.weight, learn_scale)
+    failed = True
     try:
         yield [layer.weight_quant for layer in layers if isinstance(layer.weight_quant, AdaRoundQuantizer)]
+        failed = False
     finally:
-        for layer, base in zip(layers, bases):
+        bad = []
+        for k, (layer, base) in enumerate(zip(layers, bases)):
             ada = layer.weight_quant
             layer.weight_quant = base
             if not isinstance(ada, AdaRoundQuantizer):
@@ -69,12 +73,16 @@ def adaround(layers: list[nn.Module], learn_scale: bool = False):
             ada.harden()
             with torch.no_grad():
                 layer.weight.copy_(ada(layer.weight))
-            if ada.learns_scale:
-                if not bool((ada.scale > 0).all()):
-                    raise PdqError(f"a learned weight scale of {type(layer).__name__} with weight "
-                                   f"{list(layer.weight.shape)} reached {ada.scale.min().item():.3g}; accepted: "
-                                   "scales > 0 (lower method.weight_scale_lr)")
+            if not ada.learns_scale:
+                continue
+            if bool((ada.scale > 0).all()):
                 base.set_qparams(ada.scale.detach(), base.zero_point)
+            else:
+                name = names[k] if names else f"{type(layer).__name__} with weight {list(layer.weight.shape)}"
+                bad.append(f"{name} ({ada.scale.min().item():.3g})")
+        if bad and not failed:
+            raise PdqError(f"learned weight scales reached 0 or below in {', '.join(bad)}; accepted: scales > 0 "
+                           "(lower method.weight_scale_lr)")
 
 
 @contextlib.contextmanager

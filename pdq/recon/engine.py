@@ -306,12 +306,13 @@ class ReconstructionEngine:
         last loss terms and the steps fitted (0 when there is nothing to learn). Batches and masks come from
         generators seeded by (seed, phase, unit, rank)."""
         ctx, gm, phase, unit, acts = self.ctx, self.gm, work.phase, work.unit, work.acts
-        layers = [gm.get_submodule(n) for n in unit.layers(gm)]
+        names = unit.layers(gm)
+        layers = [gm.get_submodule(n) for n in names]
         rank, p, i = ctx.dist.rank, work.phase_index, work.index
         gen = torch.Generator().manual_seed(stream_seed(ctx.seed, p, i, 2 * rank))
         mask_gen = torch.Generator(device=ctx.device).manual_seed(stream_seed(ctx.seed, p, i, 2 * rank + 1))
         rest = suffix(gm, unit.output, work.outer and work.outer.input) if phase.uses_pd else None
-        with (adaround(layers if phase.learn_rounding else [], phase.learns_weight_scales) as adarounds,
+        with (adaround(layers if phase.learn_rounding else [], phase.learns_weight_scales, names) as adarounds,
               learned_scales(acts if phase.learns_scales else []) as scales,
               dropping(acts, phase.drop_prob, mask_gen),
               full_precision(rest if rest is not None else torch.nn.Identity())):  # the rest stays FP (spec §5.2)

@@ -106,6 +106,18 @@ def test_soft_rounding_matches_autograds_formula_values_and_gradients(bits, lear
         assert gs is None and gs_ref is None
 
 
+def test_soft_rounding_backward_through_h_alone():
+    """A loss of h(V) only (the weight unused): V's gradient is h's, and a learned scale gets none."""
+    w = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    ada = AdaRoundQuantizer(calibrated_weight_quantizer(w, 4), w, learn_scale=True)
+    with soft_rounding([ada]) as hs:
+        ada(w)
+    hs[0].sum().backward()
+    sig = torch.sigmoid(ada.alpha.detach())
+    inside = ((sig * 1.2 - 0.1) > 0) & ((sig * 1.2 - 0.1) < 1)
+    assert torch.allclose(ada.alpha.grad, 1.2 * sig * (1 - sig) * inside) and ada.scale.grad is None
+
+
 def test_fused_quantizer_refuses_a_learnable_zero_point():
     with pytest.raises(ValueError, match="zero point"):
         fake_quantize_fused(torch.randn(4), torch.tensor(0.1), torch.tensor(1.0, requires_grad=True), 4)
@@ -381,4 +393,3 @@ def test_keep_freed_memory_reuses_large_blocks_without_page_faults():
     faults = {mode: int(subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True,
                                        check=True, cwd=ROOT).stdout) for mode in ("default", "keep")}
     assert faults["default"] > 4 * 2 * 16_000 and faults["keep"] < 1_000, faults
-

@@ -260,12 +260,23 @@ def test_a_learned_weight_scale_that_is_not_positive_is_an_error_naming_the_laye
     from pdq.quant.modules import QuantConv2d
     from pdq.quant.state import adaround
 
+    layers = [QuantConv2d.from_float(torch.nn.Conv2d(3, 4, 3), bits=4) for _ in range(2)]
+    for layer in layers:
+        layer.weight_quant.observe(layer.weight, MinMaxObserver())
+    bases = [layer.weight_quant for layer in layers]
+    with pytest.raises(PdqError, match=r"reached 0 or below in stem.conv \(-0.5\); accepted.*weight_scale_lr"):
+        with adaround(layers, learn_scale=True, names=["stem.conv", "head.conv"]) as adas:
+            with torch.no_grad():
+                adas[0].scale[1] = -0.5
+    assert [layer.weight_quant for layer in layers] == bases  # every layer got its quantizer back
+    with pytest.raises(RuntimeError, match="inside"):  # an error inside the block is not replaced by that one
+        with adaround(layers, learn_scale=True) as adas:
+            with torch.no_grad():
+                adas[1].scale[0] = -1.0
+            raise RuntimeError("inside")
+    assert [layer.weight_quant for layer in layers] == bases
     layer = QuantConv2d.from_float(torch.nn.Conv2d(3, 4, 3), bits=4)
     layer.weight_quant.observe(layer.weight, MinMaxObserver())
-    with pytest.raises(PdqError, match=r"QuantConv2d with weight \[4, 3, 3, 3\] reached -0.5.*weight_scale_lr"):
-        with adaround([layer], learn_scale=True) as (ada,):
-            with torch.no_grad():
-                ada.scale[1] = -0.5
     with adaround([layer], learn_scale=True) as (ada,):  # a positive one becomes the layer's quantizer's scale
         with torch.no_grad():
             ada.scale.mul_(1.5)

@@ -185,7 +185,7 @@ def test_bad_method_values_are_one_error(make_cfg, override, message):
 
 
 def test_learned_weight_scales_need_the_rounding_variables(make_cfg):
-    with pytest.raises(PdqError, match="learn_weight_scale=true needs a phase with method.learn_rounding=true.*accepted"):
+    with pytest.raises(PdqError, match="learn_weight_scale=true needs a phase with method.learn_rounding=true.*acc"):
         instantiate(make_cfg("method=qdrop", "method.learn_weight_scale=true", "method.learn_rounding=false").method)
 
 

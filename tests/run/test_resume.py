@@ -178,6 +178,21 @@ def test_runs_saved_before_conf_trainer_set_its_process_layout_still_match(make_
                                                                                            "trainer=ddp_cpu"))
 
 
+@pytest.mark.parametrize("method", ["qdrop", "rtn_mse"])
+def test_runs_saved_before_learned_weight_scales_existed_still_match(make_cfg, method):
+    """Fingerprints from before `method.learn_weight_scale`: the scales were not learned, so their lr and optimiser
+    did not matter; a run that learns them now differs (a method without the keys has nothing to add)."""
+    cfg = make_cfg(f"method={method}")
+    saved = fingerprint(cfg)
+    for key in ("learn_weight_scale", "weight_scale_lr", "weight_scale_optimizer"):
+        saved["method"].pop(key, None)
+    assert settings_diff(saved, cfg) == []
+    if method == "qdrop":
+        assert settings_diff(saved, make_cfg("method=qdrop", "method.learn_weight_scale=true")) == \
+            ["method.learn_weight_scale: false (saved) vs true (now)"]
+        assert settings_diff(saved, make_cfg("method=qdrop", "method.iters=7")) != []
+
+
 def test_resume_of_a_finished_run_dir_does_nothing(make_cfg, no_heavy_work, tmp_path):  # noqa: F811
     cfg = make_cfg(*SHORT, "method=qdrop")
     done = tmp_path / "done"
