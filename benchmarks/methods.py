@@ -53,7 +53,6 @@ def floor_ms(cfg, qmodel, reps: int = 20) -> list[float]:
 
     from pdq.errors import instantiate
     from pdq.quant.state import full_precision
-    from pdq.recon import find_units
     from pdq.recon.subgraph import prefix, segment, suffix
     from pdq.recon.units import enclosing
 
@@ -68,7 +67,7 @@ def floor_ms(cfg, qmodel, reps: int = 20) -> list[float]:
     times = []
     with full_precision(qmodel):
         logits = qmodel(images).detach()
-        units = find_units(qmodel, phase.pattern)
+        units = phase.units(qmodel)
         outers = enclosing(qmodel, units) if phase.uses_pd else [None] * len(units)
         for unit, outer in zip(units, outers):
             seg = segment(qmodel, unit)

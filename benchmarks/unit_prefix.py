@@ -38,7 +38,7 @@ def prefix_top1(run_dir: Path, images: int | None) -> tuple[list[str], list[floa
     fresh = quantize_model(instantiate(cfg.model), backend=results.get("backend", "academic"))
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     node = {n.target: n.name for n in gm.graph.nodes if n.op == "call_module"}
-    units = find_units(gm, cfg.method.get("pattern", "block"))
+    units = find_units(gm, cfg.method.get("pattern", "block"), cfg.method.get("unit_merges", 0))
     quantized = {k: v.clone() for k, v in gm.state_dict().items()}
     row = []
     for k in range(len(units) + 1):

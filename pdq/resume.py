@@ -35,9 +35,13 @@ EARLIER_METRICS = ".metrics_earlier.csv"
 UNUSED = object()
 #: keys that the configs did not always have, with what a saved fingerprint or results.json without the key means:
 #: conf/trainer/_base.yaml did not always set strategy and num_nodes (Lightning's defaults ran), and the weight
-#: scales were not learned before `method.learn_weight_scale` existed (its lr and optimiser then played no part)
+#: scales were not learned before `method.learn_weight_scale` existed (its lr and optimiser then played no part),
+#: every unit had `method.iters` steps before `method.steps` existed, and no units were merged before
+#: `method.unit_merges`
 SAVED_BEFORE = {"trainer.strategy": "auto", "trainer.num_nodes": 1, "method.learn_weight_scale": False,
-                "method.weight_scale_lr": UNUSED, "method.weight_scale_optimizer": UNUSED}
+                "method.weight_scale_lr": UNUSED, "method.weight_scale_optimizer": UNUSED,
+                "method.steps": "uniform", "method.step_budget": 1.0, "method.step_bounds": UNUSED,
+                "method.unit_merges": 0}
 #: where the caches live: no result depends on it, and the fingerprint leaves it out (a path is not portable)
 CACHE_PLACE = ("calib.cache_device", "calib.spill_dir")
 #: settings that change no result: a resumed (or finished) run may differ in them

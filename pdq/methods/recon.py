@@ -13,7 +13,7 @@ from pdq.quant.observers import Observer
 from pdq.quant.state import act_quantizers, calibrate_activations, calibrate_weights
 from pdq.recon.engine import ReconstructionEngine
 from pdq.recon.phase import PHASE_KEYS, Phase
-from pdq.recon.units import find_units, warn_about
+from pdq.recon.units import warn_about
 
 #: method keys that are no phase field: the YAML interpolates them into phases (optimiser learning rates,
 #: the steps of BRECQ's activation phase)
@@ -56,13 +56,14 @@ class Reconstruction:
                 "dc": any(p.dc.enabled for p in self.phases)}
 
     def unit_table(self, qmodel: fx.GraphModule) -> list[dict]:
-        """The units of every pattern the phases use, one row each (`Unit.row`), the first row of each
-        pattern carrying the warnings it earns."""
+        """The units of every pattern (and number of merges) the phases use, one row each (`Unit.row`), the first
+        row of each carrying the warnings it earns."""
         rows = []
-        for pattern in dict.fromkeys(p.pattern for p in self.phases):
-            units = find_units(qmodel, pattern)
-            mine = [{"pattern": pattern, **u.row(qmodel)} for u in units]
-            mine[0]["warnings"] = warn_about(qmodel, units, pattern)
+        for phase in {(p.pattern, p.unit_merges): p for p in self.phases}.values():
+            units = phase.units(qmodel)
+            label = phase.pattern + (f", {phase.unit_merges} merged" if phase.unit_merges else "")
+            mine = [{"pattern": label, **u.row(qmodel)} for u in units]
+            mine[0]["warnings"] = warn_about(qmodel, units, phase.pattern)
             rows += mine
         return rows
 

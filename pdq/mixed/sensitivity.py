@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from pdq.cache import entry
 from pdq.distributed import compute_tag
@@ -25,20 +25,9 @@ from pdq.quant.graph import act_quant_names, is_act_quant, is_quant_layer, quant
 from pdq.quant.observers import Observer
 from pdq.quant.quantizers import FP_BITS, FakeQuantizer
 from pdq.quant.state import full_precision
-from pdq.recon.losses import prediction_difference
+from pdq.recon.losses import batched_logits, pd_loss
 
 log = logging.getLogger("pdq")
-
-
-def batched_logits(gm: nn.Module, images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    return [gm(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
-
-
-def pd_loss(gm: nn.Module, images: torch.Tensor, fp: list[torch.Tensor], batch_size: int, temperature: float) -> float:
-    """The PD loss over `images`; exactly 0 where the logits are the FP ones (the KL's float rounding aside)."""
-    total = sum(0.0 if torch.equal(q, f) else prediction_difference(q, f, temperature).item() * len(q)
-                for q, f in zip(batched_logits(gm, images, batch_size), fp, strict=True))
-    return total / len(images)
 
 
 @torch.no_grad()

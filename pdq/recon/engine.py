@@ -46,9 +46,10 @@ from pdq.recon.dc import DCStore, check_chunk, correct, fp_twin
 from pdq.recon.inputs import UnitInputs
 from pdq.recon.module import Caches, UnitProgress, UnitReconstruction, loader
 from pdq.recon.phase import DCConfig, Phase
+from pdq.recon.steps import allocate_steps, unit_sensitivity
 from pdq.recon.store import CacheStore, dim_order, empty_in_order
 from pdq.recon.subgraph import prefix, segment, suffix
-from pdq.recon.units import Unit, enclosing, find_units
+from pdq.recon.units import Unit, enclosing
 from pdq.resume import STATE_FILE
 
 log = logging.getLogger("pdq")
@@ -106,6 +107,7 @@ class UnitWork:
     dc_info: dict = field(default_factory=dict)                # DC's losses, whether cached, its seconds
     last: dict[str, float] = field(default_factory=dict)       # the loss terms of the last step
     iters: int = 0              # steps fitted (0: nothing to learn)
+    sensitivity: float | None = None  # the PD loss of quantizing the unit alone (`method.steps=adaptive`)
     times: dict[str, float] = field(default_factory=dict)      # seconds per stage (cache_s, act_init_s, fit_s)
     started: float = field(default_factory=time.time)
 
@@ -137,6 +139,8 @@ class ReconstructionEngine:
         self.summaries: list[dict] = list((ctx.resume_state or {}).get("units", []))
         self.done: set[tuple[int, int]] = {(s["phase"], s["index"]) for s in self.summaries}
         self.step_offset = sum(s["iters"] for s in self.summaries)
+        #: per phase (as a string key), the units' sensitivities and steps under `method.steps=adaptive`
+        self.step_plans: dict[str, dict] = dict((ctx.resume_state or {}).get("step_plans", {}))
         if ctx.fp_model is None:
             raise ValueError("reconstruction needs the float model (RunContext.fp_model)")
         self._logits: torch.Tensor | None = None
@@ -200,20 +204,54 @@ class ReconstructionEngine:
         for phase in phases:
             check_chunk(phase.dc, len(self.local), self.ctx.dist)
         for p, phase in enumerate(phases):
-            units = find_units(self.gm, phase.pattern)
+            units = phase.units(self.gm)
             outers = enclosing(self.gm, units) if phase.uses_pd else [None] * len(units)
             for q in act_quantizers(self.gm):
                 q.enabled = phase.act_quant
             self.begin_phase()
+            plan = self.step_plan(p, phase, units)
             for i, (unit, outer) in enumerate(zip(units, outers)):
-                if (p, i) in self.done or (i == 0 and not self.ctx.reconstruct_stem):
+                if (p, i) in self.done or not self.fits(i):
                     continue
-                work = UnitWork(p, i, len(units), unit, phase, outer)
+                steps = plan["steps"][i] if plan else phase.iters
+                work = UnitWork(p, i, len(units), unit, phase.with_steps(steps) if plan else phase, outer,
+                                sensitivity=plan["sensitivity"][i] if plan else None)
                 self.prepare(work)
                 self.fit(work)
                 self.summaries.append(self.finish(work))
                 self.save(p, i)
         return self.summaries
+
+    def fits(self, index: int) -> bool:
+        """Whether the unit at `index` is fitted (the first only with `reconstruct_stem`)."""
+        return index > 0 or self.ctx.reconstruct_stem
+
+    def step_plan(self, p: int, phase: Phase, units: list[Unit]) -> dict | None:
+        """{"sensitivity": [...], "steps": [...]} per unit of the phase (0 steps for a unit that is not fitted),
+        made before its first unit and kept in the saved state (a resumed run fits with the same plan): under
+        `method.steps=adaptive` from each unit's measured sensitivity, under `uniform` the same steps for every unit
+        (no sensitivity); None where every unit gets `iters` steps."""
+        if phase.iters == 0 or (phase.steps == "uniform" and phase.step_budget == 1):
+            return None
+        if str(p) not in self.step_plans:
+            ctx = self.ctx
+            fitted = [i for i in range(len(units)) if self.fits(i)]
+            sens = [None] * len(fitted)
+            if phase.steps == "adaptive":
+                images = self.calib[: ctx.act_init_size].to(ctx.device)
+                sens = unit_sensitivity(self.gm, [units[i] for i in fitted], images, act_quant=phase.act_quant,
+                                        act_observer=self.act_observer, batch_size=ctx.batch_size,
+                                        temperature=phase.temperature)
+                counts = allocate_steps(sens, phase.iters, phase.step_budget, phase.step_bounds)
+            else:
+                counts = [max(1, round(phase.step_budget * phase.iters))] * len(fitted)
+            sens, steps = dict(zip(fitted, sens)), dict(zip(fitted, counts))
+            plan = {"sensitivity": [sens.get(i) for i in range(len(units))],
+                    "steps": [steps.get(i, 0) for i in range(len(units))]}
+            self.step_plans[str(p)] = ctx.dist.broadcast(plan)  # one plan on every rank
+            log.info("steps (method.steps=%s, method.step_budget=%g, %d in all): %s", phase.steps, phase.step_budget,
+                     sum(plan["steps"]), ", ".join(f"{u.name} {n}" for u, n in zip(units, plan["steps"]) if n))
+        return self.step_plans[str(p)]
 
     def begin_phase(self) -> None:
         """Fresh incremental caches of the unit inputs on the quantized path, on the FP path, and of the
@@ -343,12 +381,15 @@ class ReconstructionEngine:
         log.info("unit %d/%d %s: %s (cache %.1fs, act init %.1fs, fit %.1fs)", work.index + 1, work.count,
                  work.unit.name, " ".join(f"{k}={v:.4g}" for k, v in final.items()), times["cache_s"],
                  times["act_init_s"], times["fit_s"])
+        plan = {} if work.sensitivity is None else {"sensitivity": work.sensitivity}
         return {"name": work.unit.name, "phase": work.phase_index, "index": work.index, "kind": work.unit.kind,
-                "iters": work.iters, **{k: round(v, 3) for k, v in times.items()}, **final, **work.dc_info}
+                "iters": work.iters, **plan, **{k: round(v, 3) for k, v in times.items()}, **final,
+                **work.dc_info}
 
     def save(self, p: int, i: int) -> None:
         if self.ctx.out_dir is not None and self.ctx.dist.main:
             atomic_torch_save({"phase": p, "index": i, "units": self.summaries, "state_dict": self.gm.state_dict(),
-                               "fingerprint": self.ctx.fingerprint}, Path(self.ctx.out_dir) / STATE_FILE)
+                               "step_plans": self.step_plans, "fingerprint": self.ctx.fingerprint},
+                              Path(self.ctx.out_dir) / STATE_FILE)
             log.info("saved %s after phase %d unit %d (resume=%s continues from here)", STATE_FILE, p, i,
                      self.ctx.out_dir)

@@ -3,7 +3,9 @@
 * `reconstruction_loss`: the unit-output term (spec §1.5, §4; PD-Quant's regulariser, §5.2);
 * `prediction_difference`: PD-Quant's KL term on the network output (spec §5.2);
 * `RoundingRegularizer`: AdaRound's f_reg with its beta schedule and warm-up gate (spec §1.5);
-* `bn_statistics_loss`, `proximity_loss`: the two terms of Distribution Correction (spec §5.3).
+* `bn_statistics_loss`, `proximity_loss`: the two terms of Distribution Correction (spec §5.3);
+* `pd_loss`: the PD term of a whole network over a set of images, as a number (sensitivities: per layer in
+  `pdq.mixed`, per unit in `pdq.recon.steps`).
 
 A phase weights them (`Phase.rec_weight`, `pd_weight`, `round_weight`, `DCConfig.lambda_c`); adding a term
 means one function or class here, one `Phase` field for its weight and one key in `conf/method/_recon.yaml`.
@@ -127,3 +129,14 @@ def proximity_loss(x: torch.Tensor, target: torch.Tensor, denominator: int | Non
     `bn_statistics_loss`."""
     loss = torch.nn.functional.mse_loss(x, target, reduction="sum") / (target.numel() // target.shape[1])
     return loss if denominator is None else loss * (len(target) / denominator)
+
+
+def batched_logits(gm: nn.Module, images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [gm(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+
+
+def pd_loss(gm: nn.Module, images: torch.Tensor, fp: list[torch.Tensor], batch_size: int, temperature: float) -> float:
+    """The PD loss over `images`; exactly 0 where the logits are the FP ones (the KL's float rounding aside)."""
+    total = sum(0.0 if torch.equal(q, f) else prediction_difference(q, f, temperature).item() * len(q)
+                for q, f in zip(batched_logits(gm, images, batch_size), fp, strict=True))
+    return total / len(images)

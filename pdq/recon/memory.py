@@ -36,7 +36,7 @@ from torch import fx
 from pdq.quant.state import full_precision
 from pdq.recon.dc import step_rows
 from pdq.recon.phase import Phase
-from pdq.recon.units import cut_points, data_path, enclosing, find_units
+from pdq.recon.units import cut_points, data_path, enclosing
 
 MIB = 2 ** 20
 #: what a step holds at its peak: per byte of the unit's values (its quantizers on: the fused quantizers' saved
@@ -179,7 +179,7 @@ def unit_stages(gm: fx.GraphModule, phases: list[Phase], shapes: dict, saved: di
         return Held(name, shapes.get(node.name) or [], dtype, where, lifetime, images)
 
     for p, phase in enumerate(phases):
-        units = find_units(gm, phase.pattern)
+        units = phase.units(gm)
         outers = enclosing(gm, units) if phase.uses_pd else [None] * len(units)
         for i, (unit, outer) in enumerate(zip(units, outers)):
             if i == 0 and not reconstruct_stem:

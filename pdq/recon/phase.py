@@ -4,13 +4,19 @@ composed config (`conf/method/_recon.yaml` and the method's own file), which is 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+
+from torch import fx
 
 from pdq.checks import check_bool, check_choice, check_float, check_int
 from pdq.errors import PdqError
+from pdq.recon.units import PATTERNS, Unit, find_units
 
-PATTERNS = ("block", "layer")
+STEP_POLICIES = ("uniform", "adaptive")
+#: keyword arguments of an LR scheduler that name its length in steps: they follow a unit's own steps
+SCHEDULE_LENGTH_KEYS = ("T_max", "total_steps")
 
 
 @dataclass
@@ -40,7 +46,11 @@ class DCConfig:
 class Phase:
     """Switches and loss weights of one pass over the units (spec §1.5, §3, §4, §5)."""
     pattern: str                    # block | layer: what a unit is
-    iters: int                      # optimisation steps per unit
+    unit_merges: int                # MRECG: adjacent block units reconstructed jointly (`pdq.recon.units`)
+    iters: int                      # optimisation steps per unit (`uniform`; the mean budget's unit otherwise)
+    steps: str                      # uniform | adaptive: how the steps are shared among the units (`pdq.recon.steps`)
+    step_budget: float              # the phase's steps, as a share of iters x units (1: every unit iters steps)
+    step_bounds: tuple[float, float]  # adaptive: a unit's fewest and most steps, as shares of iters
     learn_rounding: bool            # AdaRound variables of the unit's layers
     learn_act_scale: bool           # LSQ scales of the unit's activation quantizers
     learn_weight_scale: bool        # Genie-M: the per-channel weight scales, learned with the rounding variables
@@ -65,7 +75,20 @@ class Phase:
     def __post_init__(self):
         self.dc = DCConfig(**self.dc) if isinstance(self.dc, dict) else self.dc
         check_choice("method.pattern", self.pattern, PATTERNS)
+        check_int("method.unit_merges", self.unit_merges, 0)
+        if self.unit_merges and self.pattern != "block":
+            raise PdqError(f"method.unit_merges={self.unit_merges} needs method.pattern=block (it merges block "
+                           f"units); accepted: unit_merges=0 with pattern={self.pattern}")
         check_int("method.iters", self.iters, 0)
+        check_choice("method.steps", self.steps, STEP_POLICIES)
+        if not isinstance(self.step_bounds, (list, tuple)) or len(self.step_bounds) != 2:
+            raise PdqError(f"method.step_bounds={self.step_bounds!r} is not accepted; accepted: [fewest, most], two "
+                           f"numbers >= 0 (shares of method.iters)")
+        self.step_bounds = tuple(check_float("method.step_bounds", b, 0) for b in self.step_bounds)
+        if self.steps == "adaptive":
+            check_float("method.step_budget", self.step_budget, *self.step_bounds)
+        else:
+            check_float("method.step_budget", self.step_budget, 0, lo_open=True)
         for key in ("learn_rounding", "learn_act_scale", "learn_weight_scale", "act_quant", "pd_branch_drop"):
             check_bool(f"method.{key}", getattr(self, key))
         check_float("method.drop_prob", self.drop_prob, 0, 1)
@@ -91,6 +114,21 @@ class Phase:
             raise PdqError("method.rec_weight=0 and method.pd_weight=0 leave nothing to learn from; accepted: "
                            "rec_weight > 0 or pd_weight > 0 (or learn_rounding=false and learn_act_scale=false)")
 
+    def units(self, gm: fx.GraphModule) -> list[Unit]:
+        """The units this phase visits, in order."""
+        return find_units(gm, self.pattern, self.unit_merges)
+
+    def with_steps(self, steps: int) -> Phase:
+        """This phase for a unit fitted for `steps` steps instead of `iters`: the rounding schedule and the scales'
+        LR schedule (its `T_max` or `total_steps`) span them, and every learning rate (an optimiser's `lr`) is
+        multiplied by iters / steps, so that Adam, whose step is about lr long, moves each variable as far in all."""
+        sched = self.scale_scheduler
+        for key in SCHEDULE_LENGTH_KEYS:
+            sched = _with_keyword(sched, key, lambda _: steps)
+        return replace(self, iters=steps, scale_scheduler=sched, **{
+            name: _with_keyword(getattr(self, name), "lr", lambda lr: lr * self.iters / steps)
+            for name in ("round_optimizer", "scale_optimizer", "weight_scale_optimizer")})
+
     @property
     def learns_scales(self) -> bool:
         return self.learn_act_scale and self.act_quant
@@ -109,3 +147,10 @@ class Phase:
 
 
 PHASE_KEYS = tuple(f.name for f in fields(Phase))
+
+
+def _with_keyword(partial: Callable | None, key: str, change: Callable) -> Callable | None:
+    """`partial` with its keyword `key` changed by `change` (the same object where it has no such keyword)."""
+    if not isinstance(partial, functools.partial) or key not in partial.keywords:
+        return partial
+    return functools.partial(partial.func, *partial.args, **{**partial.keywords, key: change(partial.keywords[key])})

@@ -20,6 +20,13 @@ is a function of the unit output alone. An indivisible atom (a dense block) may 
 `MAX_UNIT_LAYERS` layers; the run warns about it. `register_block(cls)` is an optional hint: every
 instance of `cls` whose entry and exit are cut points is one unit.
 
+`merges=k` (MRECG, `method.unit_merges`): after steps 1-4, the k pairs of adjacent units whose *capacities*
+differ most are reconstructed jointly, a pair's two units and the glue between them forming one unit (pairs that
+share a unit chain into one unit of three or more). A unit's capacity is the sum over its weight layers of
+parameters x weight bits (MRECG's data-free module capacity without its stride factor; MRECG's released code
+uses hand-written merge tables per model instead). The first and the last unit are never merged: they are the
+stem and the head, which run at other widths and have no neighbour on one side.
+
 `pattern="layer"`: every conv/linear alone, with its activation and output quantizer (AdaRound).
 """
 
@@ -216,7 +223,7 @@ class _Partition:
                 found += self.chosen_modules(child)
         return found
 
-    def units(self) -> list[Unit]:
+    def units(self, merges: int = 0) -> list[Unit]:
         owner: dict[int, tuple[str, str]] = {}
         for module, source in self.chosen_modules():
             for k in self.span(module):
@@ -237,7 +244,33 @@ class _Partition:
             elif groups and groups[-1][2][-1] == k - 1 and self._is_trailing(atom):
                 groups[-1][2].append(k)  # an activation / activation quantizer right after a unit
         taken: set[str] = set()
-        return [self.make(_unique(name, taken), source, ks) for name, source, ks in groups]
+        return [self.make(_unique(name, taken), source, ks) for name, source, ks in self.merged(groups, merges)]
+
+    def capacity(self, ks: list[int]) -> float:
+        """Parameters x weight bits over the weight layers of the atoms `ks` (`merges` in the module docstring)."""
+        layers = [self.gm.get_submodule(n.target) for k in ks for n in self.atoms[k] if is_quant_layer(self.gm, n)]
+        return float(sum(m.weight.numel() * m.weight_quant.bits for m in layers))
+
+    def merged(self, groups: list[tuple[str, str, list[int]]], merges: int) -> list[tuple[str, str, list[int]]]:
+        """`groups` with the `merges` adjacent pairs of largest capacity difference joined, with the glue
+        atoms between them; ties go to the earlier pair."""
+        if merges == 0:
+            return groups
+        pairs = list(range(1, len(groups) - 2))  # pair j joins groups j and j + 1; never the first or the last
+        if merges > len(pairs):
+            raise PdqError(f"method.unit_merges={merges} is more than this model has: its {len(groups)} units "
+                           f"give {len(pairs)} pairs of adjacent units that may merge (the first and the last "
+                           f"unit never do); accepted: 0..{len(pairs)}")
+        cap = [self.capacity(ks) for _, _, ks in groups]
+        chosen = set(sorted(pairs, key=lambda j: (-abs(cap[j + 1] - cap[j]), j))[:merges])
+        out: list[tuple[str, str, list[int]]] = []
+        for j, (name, source, ks) in enumerate(groups):
+            if j - 1 in chosen:
+                last_name, _, last_ks = out[-1]
+                out[-1] = (f"{last_name}+{name}", "merged", list(range(last_ks[0], ks[-1] + 1)))
+            else:
+                out.append((name, source, ks))
+        return out
 
     def _is_trailing(self, atom: list[fx.Node]) -> bool:
         return len(atom) == 1 and (is_activation(self.gm, atom[0]) or is_act_quant(self.gm, atom[0]))
@@ -290,10 +323,16 @@ def _layer_units(gm: fx.GraphModule) -> list[Unit]:
     return units
 
 
-def find_units(gm: fx.GraphModule, pattern: str = "block") -> list[Unit]:
+def find_units(gm: fx.GraphModule, pattern: str = "block", merges: int = 0) -> list[Unit]:
+    """The units of `pattern`; `merges`: adjacent block units reconstructed jointly (module docstring)."""
     if pattern not in PATTERNS:
         raise PdqError(f"pattern={pattern!r} is unknown; accepted: {', '.join(PATTERNS)}")
-    return _layer_units(gm) if pattern == "layer" else _Partition(gm).units()
+    if pattern == "layer":
+        if merges:
+            raise PdqError(f"method.unit_merges={merges} needs pattern=block (it merges block units); accepted: 0 "
+                           f"with pattern=layer")
+        return _layer_units(gm)
+    return _Partition(gm).units(merges)
 
 
 def enclosing(gm: fx.GraphModule, units: list[Unit]) -> list[Unit | None]:
@@ -310,7 +349,7 @@ def warn_about(gm: fx.GraphModule, units: list[Unit], pattern: str) -> list[str]
     pattern that found no block for most of the model's layers."""
     warnings = [f"unit {u.name} holds {len(u.layers(gm))} weight layers (more than {MAX_UNIT_LAYERS}): it has "
                 f"no cut point inside, so it is reconstructed as one unit" for u in units
-                if len(u.layers(gm)) > MAX_UNIT_LAYERS]
+                if len(u.layers(gm)) > MAX_UNIT_LAYERS and u.source != "merged"]
     if pattern == "block":
         single = sum(len(u.layers(gm)) for u in units if u.kind == "layer")
         total = sum(len(u.layers(gm)) for u in units)

@@ -12,7 +12,7 @@ from pdq.quant.label import bit_setting
 
 PAPER_BITS = ["W4A4", "W2A4", "W4A2", "W2A2"]
 METHOD_ORDER = ["rtn_minmax", "rtn_cosine", "rtn_mse", "pd_scale", "adaround", "brecq",
-                "qdrop", "pd_only", "pd_reg", "qdrop_dc", "pdquant"]
+                "qdrop", "pd_only", "pd_reg", "qdrop_dc", "pdquant", "pdquant_plus"]
 #: column order: the paper's Table 3 models, then the reference models, then any other model by name
 MODEL_ORDER = ["resnet18_brecq", "resnet50_brecq", "mobilenetv2_brecq", "regnetx_600m", "regnetx_3200m", "mnasnet_x2",
                "resnet20_fmnist", "mobilenetv2_fmnist"]

@@ -121,7 +121,7 @@ def test_dc_lowers_bn_statistics_loss_and_skips_bn_free_units():
     assert fc_bns == [] and same is feats and info == {}
 
 
-PRESETS = ["pdquant", "pd_only", "pd_reg", "qdrop_dc", "pd_scale"]
+PRESETS = ["pdquant", "pd_only", "pd_reg", "qdrop_dc", "pd_scale", "pdquant_plus"]
 
 
 @pytest.mark.parametrize("method", PRESETS)
@@ -130,10 +130,12 @@ def test_ablation_presets_run_a_few_steps(make_cfg, method, tmp_path):
                        f"method={method}", "method.iters=3", "method.dc.steps=2", "quant=w2a2", "calib.size=64",
                        "calib.act_init_size=32", "data.eval_subset=200", "logger=none"))
     assert res["method"] == method and res["units"]
+    # pdquant_plus is pdquant with the weight scales learned (docs/results.md): the same keys but that one
+    assert res["config"]["method"]["learn_weight_scale"] == (method == "pdquant_plus")
     unit = res["units"][1]
     assert ("pd_loss" in unit) == (method != "qdrop_dc")
     assert ("rec_loss" in unit) == (method not in ("pd_only", "pd_scale"))
-    assert ("dc_loss_before" in unit) == (method in ("pdquant", "qdrop_dc"))
+    assert ("dc_loss_before" in unit) == (method in ("pdquant", "qdrop_dc", "pdquant_plus"))
     assert ("round_loss" in unit) == (method != "pd_scale")
 
 

@@ -74,3 +74,50 @@ def test_fallback_groups_unknown_residual_blocks():
     assert units[1].layers(qm) == ["blocks.0.a", "blocks.0.b"]
     with pytest.raises(PdqError, match="pattern='stage' is unknown; accepted: block, layer"):
         find_units(qm, "stage")
+
+
+def _capacity(qm, layers):
+    return sum(qm.get_submodule(n).weight.numel() * qm.get_submodule(n).weight_quant.bits for n in layers)
+
+
+@pytest.mark.parametrize("model", [resnet20_fmnist, mobilenetv2_fmnist])
+def test_merges_join_the_adjacent_units_whose_capacities_differ_most(model):
+    """MRECG's unit policy: k merges join the k adjacent pairs of largest capacity difference (parameters x weight
+    bits; never the first or the last unit) into one unit each, with the same layers in the same order."""
+    qm = quantize_model(model(), bits=4)
+    first = quant_layer_names(qm)[0]
+    qm.get_submodule(first).weight_quant.bits = 8  # a stem at another width weighs in its capacity
+    plain = find_units(qm)
+    cap = [_capacity(qm, u.layers(qm)) for u in plain]
+    diffs = sorted(range(1, len(plain) - 2), key=lambda j: -abs(cap[j + 1] - cap[j]))
+    for k in (1, 3):
+        merged = find_units(qm, merges=k)
+        assert len(merged) == len(plain) - k
+        assert [n for u in merged for n in u.layers(qm)] == [n for u in plain for n in u.layers(qm)]
+        assert merged[0].name == plain[0].name and merged[-1].name == plain[-1].name
+        joined = {(j, j + 1) for j in diffs[:k]}
+        for u in merged:
+            parts = u.name.split("+")
+            if len(parts) == 1:
+                assert u.source != "merged"
+                continue
+            idx = [next(i for i, p in enumerate(plain) if p.name == name) for name in parts]
+            assert u.source == "merged" and u.kind == "block" and all((a, a + 1) in joined for a in idx[:-1])
+            assert u.input is plain[idx[0]].input and u.output is plain[idx[-1]].output
+            assert u.act_quants(qm) == [a for i in idx for a in plain[i].act_quants(qm)]
+
+
+def test_every_pair_merged_leaves_the_stem_and_the_head_alone_and_too_many_merges_are_one_error():
+    qm = quantize_model(resnet20_fmnist())
+    plain = find_units(qm)
+    pairs = len(plain) - 3
+    merged = find_units(qm, merges=pairs)
+    assert [u.name for u in merged] == [plain[0].name, "+".join(u.name for u in plain[1:-1]), plain[-1].name]
+    with pytest.raises(PdqError, match=rf"unit_merges={pairs + 1} is more than .* {pairs} pairs.*accepted: 0..{pairs}"):
+        find_units(qm, merges=pairs + 1)
+    with pytest.raises(PdqError, match="unit_merges=1 needs pattern=block"):
+        find_units(qm, "layer", merges=1)
+    from tests.conftest import make_phase
+
+    with pytest.raises(PdqError, match="method.unit_merges=2 needs method.pattern=block.*pattern=layer"):
+        make_phase("adaround", unit_merges=2)  # refused with the config, before any work

@@ -19,8 +19,9 @@ from pdq.recon.dc import correct
 from pdq.resume import STATE_FILE
 from tests.conftest import ROOT, kill_after_unit, make_dc, run_cli
 
-CELL = ["method=qdrop", "method.iters=10", "method.learn_weight_scale=true", "quant=w2a4", "calib.size=64",
-        "calib.act_init_size=32", "data.eval_subset=1000", "paths.cache_dir=null", "logger=csv"]
+CELL = ["method=qdrop", "method.iters=10", "method.learn_weight_scale=true", "method.steps=adaptive",
+        "method.step_budget=0.5", "method.unit_merges=1", "quant=w2a4", "calib.size=64", "calib.act_init_size=32",
+        "data.eval_subset=1000", "paths.cache_dir=null", "logger=csv"]
 RUN = ["trainer=ddp_cpu", "trainer.devices=2", *CELL]
 
 
@@ -46,8 +47,11 @@ def test_two_processes_end_identical_and_match_one_process(runs):
     sha = r2["rank_state_sha256"]
     assert len(sha) == 2 and sha[0] == sha[1]  # all-reduced gradients: same AdaRound and scale values
     assert r2["fp_top1"] == r1["fp_top1"] and r2["eval_images"] == 1000  # sharded eval, counts summed
-    assert [u["name"] for u in r2["units"]] == [u["name"] for u in r1["units"]]
-    assert all(u["iters"] == 10 for u in r2["units"])
+    # one step plan on every rank, the one a single process makes; a merged unit among them
+    assert [(u["name"], u["iters"]) for u in r2["units"]] == [(u["name"], u["iters"]) for u in r1["units"]]
+    budget = r2["config"]["method"]["step_budget"]
+    assert sum(u["iters"] for u in r2["units"]) == round(budget * 10 * len(r2["units"]))
+    assert sum("+" in u["name"] for u in r2["units"]) == 1
     assert abs(r2["quant_top1"] - r1["quant_top1"]) < 3.0, (r1["quant_top1"], r2["quant_top1"])
 
 

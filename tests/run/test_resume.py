@@ -30,10 +30,13 @@ def state_of(path):
     return torch.load(path / "quantized_model.pt")
 
 
-def test_kill_after_unit_k_then_resume_matches_uninterrupted(make_cfg, tmp_path):
+@pytest.mark.parametrize("policy", [[], ["method.steps=adaptive", "method.step_budget=0.5", "method.unit_merges=2"]],
+                         ids=["uniform", "adaptive"])
+def test_kill_after_unit_k_then_resume_matches_uninterrupted(make_cfg, tmp_path, policy):
     """Resumed from the command line in a new Hydra dir: the same result as an uninterrupted run, and every
-    record (log file, CSV rows of both parts, wall time of both parts) in the interrupted run's dir."""
-    args = [*SHORT, "method=qdrop", "method.iters=60", "quant=w2a4"]
+    record (log file, CSV rows of both parts, wall time of both parts) in the interrupted run's dir. Adaptive
+    steps and merged units: the resumed part fits with the saved step plan."""
+    args = [*SHORT, "method=qdrop", "method.iters=60", "quant=w2a4", *policy]
     ref = run(make_cfg(*args, f"paths.output_dir={tmp_path / 'ref'}"))
     killed = tmp_path / "killed"
     threads = str(torch.get_num_threads())  # CPU results are bit-identical only for the same thread count
@@ -48,7 +51,7 @@ def test_kill_after_unit_k_then_resume_matches_uninterrupted(make_cfg, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = json.loads((killed / "results.json").read_text())
     assert resumed["quant_top1"] == ref["quant_top1"]
-    assert [u["name"] for u in resumed["units"]] == [u["name"] for u in ref["units"]]
+    assert [(u["name"], u["iters"]) for u in resumed["units"]] == [(u["name"], u["iters"]) for u in ref["units"]]
     s_ref, s_res = state_of(tmp_path / "ref"), state_of(killed)
     assert all(torch.equal(s_ref[k], s_res[k]) for k in s_ref)
     # wall_s is the sum of the recorded parts: the first up to its last saved unit, the second up to results.json
@@ -179,17 +182,23 @@ def test_runs_saved_before_conf_trainer_set_its_process_layout_still_match(make_
 
 
 @pytest.mark.parametrize("method", ["qdrop", "rtn_mse"])
-def test_runs_saved_before_learned_weight_scales_existed_still_match(make_cfg, method):
-    """Fingerprints from before `method.learn_weight_scale`: the scales were not learned, so their lr and optimiser
-    did not matter; a run that learns them now differs (a method without the keys has nothing to add)."""
+def test_runs_saved_before_learned_weight_scales_step_policies_and_merges_existed_still_match(make_cfg, method):
+    """Fingerprints from before `method.learn_weight_scale`, `method.steps` and `method.unit_merges`: the scales
+    were not learned (their lr and optimiser did not matter), every unit had `iters` steps (the adaptive budget
+    did not matter) and no units were merged; a run that turns one on now differs (a method without the keys has
+    nothing to add)."""
     cfg = make_cfg(f"method={method}")
     saved = fingerprint(cfg)
-    for key in ("learn_weight_scale", "weight_scale_lr", "weight_scale_optimizer"):
+    for key in ("learn_weight_scale", "weight_scale_lr", "weight_scale_optimizer", "steps", "step_budget",
+                "step_bounds", "unit_merges"):
         saved["method"].pop(key, None)
     assert settings_diff(saved, cfg) == []
     if method == "qdrop":
-        assert settings_diff(saved, make_cfg("method=qdrop", "method.learn_weight_scale=true")) == \
-            ["method.learn_weight_scale: false (saved) vs true (now)"]
+        for key, now, line in (("learn_weight_scale", "true", "false (saved) vs true (now)"),
+                               ("steps", "adaptive", "uniform (saved) vs adaptive (now)"),
+                               ("step_budget", "0.5", "1.0 (saved) vs 0.5 (now)"),
+                               ("unit_merges", "2", "0 (saved) vs 2 (now)")):
+            assert settings_diff(saved, make_cfg("method=qdrop", f"method.{key}={now}")) == [f"method.{key}: {line}"]
         assert settings_diff(saved, make_cfg("method=qdrop", "method.iters=7")) != []
 
 
