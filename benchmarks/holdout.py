@@ -38,6 +38,8 @@ def holdout_top1(run_dir: Path, images: int) -> tuple[int, float]:
     if not isinstance(dm, FashionMNISTDataModule):
         raise PdqError(f"{run_dir}: data={type(dm).__name__}; accepted: Fashion-MNIST runs")
     x, y = dm.split("train")
+    if not 0 < images <= len(x):
+        raise PdqError(f"--images={images} is not accepted; accepted: 1..{len(x)} (the training split's size)")
     keep = torch.ones(len(x), dtype=torch.bool)
     keep[: len(x) - images] = False
     keep[draw_indices(len(x), results["calib_size"], results["seed"])] = False

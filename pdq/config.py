@@ -93,3 +93,22 @@ def resolvers():
     finally:
         for name in added:
             OmegaConf.clear_resolver(name)
+
+
+#: a key of `SAVED_BEFORE` whose value did not matter in runs saved before it existed (its feature was off)
+UNUSED = object()
+#: keys that the configs did not always have, with what a saved fingerprint or results.json without the key means:
+#: conf/trainer/_base.yaml did not always set strategy and num_nodes (Lightning's defaults ran), and the weight
+#: scales were not learned before `method.learn_weight_scale` existed (its lr and optimiser then played no part),
+#: every unit had `method.iters` steps before `method.steps` existed, and no units were merged before
+#: `method.unit_merges`
+SAVED_BEFORE = {"trainer.strategy": "auto", "trainer.num_nodes": 1, "method.learn_weight_scale": False,
+                "method.weight_scale_lr": UNUSED, "method.weight_scale_optimizer": UNUSED,
+                "method.steps": "uniform", "method.step_budget": 1.0, "method.step_bounds": UNUSED,
+                "method.unit_merges": 0}
+
+
+def unused_before(key: str) -> bool:
+    """Whether `key` (or a group it is in) played no part in runs saved before it existed (`SAVED_BEFORE`)."""
+    parts = key.split(".")
+    return any(SAVED_BEFORE.get(".".join(parts[:i])) is UNUSED for i in range(1, len(parts) + 1))

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pdq.checks import flatten
+from pdq.config import SAVED_BEFORE, unused_before
 from pdq.errors import PdqError, cause
 from pdq.io import atomic_write, atomic_write_json
 
@@ -31,17 +32,6 @@ WALL_FILE = "wall_time.json"
 #: where a resumed run keeps the CSV rows of its earlier parts while Lightning's CSVLogger writes a new file
 EARLIER_METRICS = ".metrics_earlier.csv"
 
-#: a key of `SAVED_BEFORE` whose value did not matter in runs saved before it existed (its feature was off)
-UNUSED = object()
-#: keys that the configs did not always have, with what a saved fingerprint or results.json without the key means:
-#: conf/trainer/_base.yaml did not always set strategy and num_nodes (Lightning's defaults ran), and the weight
-#: scales were not learned before `method.learn_weight_scale` existed (its lr and optimiser then played no part),
-#: every unit had `method.iters` steps before `method.steps` existed, and no units were merged before
-#: `method.unit_merges`
-SAVED_BEFORE = {"trainer.strategy": "auto", "trainer.num_nodes": 1, "method.learn_weight_scale": False,
-                "method.weight_scale_lr": UNUSED, "method.weight_scale_optimizer": UNUSED,
-                "method.steps": "uniform", "method.step_budget": 1.0, "method.step_bounds": UNUSED,
-                "method.unit_merges": 0}
 #: where the caches live: no result depends on it, and the fingerprint leaves it out (a path is not portable)
 CACHE_PLACE = ("calib.cache_device", "calib.spill_dir")
 #: settings that change no result: a resumed (or finished) run may differ in them
@@ -65,12 +55,6 @@ def _show(value) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
 
-def _unused_before(key: str) -> bool:
-    """Whether `key` (or a group it is in) played no part in runs saved before it existed (`SAVED_BEFORE`)."""
-    parts = key.split(".")
-    return any(SAVED_BEFORE.get(".".join(parts[:i])) is UNUSED for i in range(1, len(parts) + 1))
-
-
 def settings_diff(saved: dict | None, cfg: DictConfig, limit: int = 8) -> list[str]:
     """The settings in which `saved` (a fingerprint, or a results.json config) differs from this run's config,
     each as `key: <saved> (saved) vs <now> (now)`."""
@@ -83,7 +67,7 @@ def settings_diff(saved: dict | None, cfg: DictConfig, limit: int = 8) -> list[s
         recorded, b = flatten(saved[group], group), flatten(now[group], group)
         a = {**{k: v for k, v in SAVED_BEFORE.items() if k in b}, **recorded}
         for key in sorted((a.keys() | b.keys()) - NO_RESULT):
-            if key not in recorded and _unused_before(key):
+            if key not in recorded and unused_before(key):
                 continue
             if a.get(key, "<absent>") != b.get(key, "<absent>"):
                 diffs.append(f"{key}: {_show(a.get(key, '<absent>'))} (saved) vs {_show(b.get(key, '<absent>'))} (now)")

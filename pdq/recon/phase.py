@@ -85,10 +85,12 @@ class Phase:
             raise PdqError(f"method.step_bounds={self.step_bounds!r} is not accepted; accepted: [fewest, most], two "
                            f"numbers >= 0 (shares of method.iters)")
         self.step_bounds = tuple(check_float("method.step_bounds", b, 0) for b in self.step_bounds)
-        if self.steps == "adaptive":
-            check_float("method.step_budget", self.step_budget, *self.step_bounds)
-        else:
-            check_float("method.step_budget", self.step_budget, 0, lo_open=True)
+        check_float("method.step_budget", self.step_budget, 0, lo_open=True)
+        fewest, most = self.step_bounds
+        if fewest > most or most == 0 or (self.steps == "adaptive" and not fewest <= self.step_budget <= most):
+            raise PdqError(f"method.step_bounds={list(self.step_bounds)} with method.step_budget={self.step_budget} "
+                           f"(method.steps={self.steps}) is not accepted; accepted: 0 <= fewest <= most, most > 0, and "
+                           f"under method.steps=adaptive fewest <= step_budget <= most")
         for key in ("learn_rounding", "learn_act_scale", "learn_weight_scale", "act_quant", "pd_branch_drop"):
             check_bool(f"method.{key}", getattr(self, key))
         check_float("method.drop_prob", self.drop_prob, 0, 1)

@@ -52,32 +52,31 @@ def unit_sensitivity(gm: fx.GraphModule, units: list[Unit], images: torch.Tensor
 
 
 def allocate_steps(sensitivity: list[float], iters: int, budget: float, bounds: tuple[float, float]) -> list[int]:
-    """Integer steps per unit, summing to round(budget * iters * units): proportional to `sensitivity`, each within
-    [bounds[0] * iters, bounds[1] * iters] (at least 1), the remainder after rounding down going to the largest
-    fractional parts. `budget` must lie within `bounds` (`Phase` checks it)."""
+    """Integer steps per unit, summing to round(budget * iters * units) (within what the bounds allow):
+    proportional to `sensitivity`, each within [ceil(bounds[0] * iters), floor(bounds[1] * iters)] and at least 1,
+    the remainder after rounding down going to the largest fractional parts. A unit whose sensitivity is 0 (or not
+    finite) gets the fewest steps unless the others cannot take the budget; all 0: equal shares."""
     n = len(sensitivity)
     if n == 0:
         return []
-    total = round(budget * iters * n)
-    lo, hi = max(1.0, bounds[0] * iters), max(1.0, bounds[1] * iters)
-    total = min(max(total, math.ceil(lo * n)), math.floor(hi * n))
-    s = [max(float(v), 0.0) for v in sensitivity]
-    if sum(s) <= 0:  # nothing measurable: uniform
-        s = [1.0] * n
+    lo = max(1, math.ceil(bounds[0] * iters))
+    hi = max(lo, math.floor(bounds[1] * iters))
+    total = min(max(round(budget * iters * n), lo * n), hi * n)
+    s = [float(v) if math.isfinite(v) and v > 0 else 0.0 for v in sensitivity]
+    positive = [v for v in s if v > 0]
+    # a zero takes steps only after every positive unit is at `hi` (all zero: equal shares)
+    s = [v if v > 0 else (min(positive) * 1e-9 if positive else 1.0) for v in s]
 
     def spend(c: float) -> list[float]:
         return [min(max(c * v, lo), hi) for v in s]
 
-    top = 1.0
-    while sum(spend(top)) < total:  # sum(spend(c)) grows with c, from n * lo to n * hi
-        top *= 2
-    bottom = 0.0
+    bottom, top = 0.0, hi / min(s)  # at `top` every unit is at `hi`
     for _ in range(200):
         mid = (bottom + top) / 2
         bottom, top = (mid, top) if sum(spend(mid)) < total else (bottom, mid)
     real = spend(top)
     steps = [math.floor(x) for x in real]
-    order = sorted(range(n), key=lambda i: (steps[i] - real[i], i))  # largest fractional part first
-    for i in order[: total - sum(steps)]:
+    short = total - sum(steps)
+    for i in sorted((i for i in range(n) if steps[i] < hi), key=lambda i: (steps[i] - real[i], i))[:short]:
         steps[i] += 1
     return steps

@@ -8,7 +8,11 @@ import json
 from collections import defaultdict
 
 from pdq.checks import flatten
+from pdq.config import SAVED_BEFORE, UNUSED, unused_before
 from pdq.quant.label import bit_setting
+
+#: method keys that runs written before them lack, with their value then (filled in; `UNUSED`: ignored)
+METHOD_BEFORE = {k.removeprefix("method."): v for k, v in SAVED_BEFORE.items() if k.startswith("method.")}
 
 PAPER_BITS = ["W4A4", "W2A4", "W4A2", "W2A2"]
 METHOD_ORDER = ["rtn_minmax", "rtn_cosine", "rtn_mse", "pd_scale", "adaround", "brecq",
@@ -67,7 +71,7 @@ def run_settings(r: dict) -> dict[str, str]:
     `round_lr`, ...; not `name` and `iters`), `phases.<i>.<key>` where a phase's value is not the method's,
     `quant.<key>` for QUANT_KEYS, `calib.<key>` for CALIB_KEYS and `world_size` (the process count)."""
     cfg = r.get("config") or {}
-    method = cfg.get("method") or {}
+    method = {**{k: v for k, v in METHOD_BEFORE.items() if v is not UNUSED}, **(cfg.get("method") or {})}
     quant = {"backend": "academic", **(cfg.get("quant") or {})}  # runs from before the backends were academic
     calib = {"cache_dtype": "float32", **(cfg.get("calib") or {})}  # the default before cache_dtype existed
     flat: dict[str, str] = {}
@@ -106,7 +110,7 @@ def label_runs(results: list[dict]) -> None:
             label = f"{label} ({iters} it, {calib} calib{extra})"
         mine = flat[id(r)]
         differing = sorted(k for k, vals in values[(r["method"], r["model"], bits(r))].items()
-                           if len(vals) > 1 or k not in mine)
+                           if len(vals) > 1 or (k not in mine and not unused_before(f"method.{k}")))
         if differing:
             label += " [" + ", ".join(f"{k}={json.loads(mine[k]) if k in mine else '–'}" for k in differing) + "]"
         r["_label"] = label

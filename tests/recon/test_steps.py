@@ -3,6 +3,7 @@ that fits each unit for its planned steps."""
 
 import json
 import logging
+import math
 
 import pytest
 import torch
@@ -17,13 +18,17 @@ from tests.conftest import make_phase
 
 
 @pytest.mark.parametrize("sensitivity", [[1.0, 1.0, 1.0], [5.0, 4.0, 3.0, 2.0, 1.0], [100.0, 1.0, 1.0, 0.01],
-                                         [0.0, 0.0], [3e-7, 0.2, 0.05, 0.07, 2e-5]])
-@pytest.mark.parametrize("budget, bounds", [(0.5, (0.25, 2.0)), (0.5, (0.4, 2.0)), (1.0, (0.1, 4.0))])
-def test_steps_spend_the_budget_within_the_bounds_in_the_order_of_the_sensitivity(sensitivity, budget, bounds):
-    iters = 100
+                                         [0.0, 0.0], [3e-7, 0.2, 0.05, 0.07, 2e-5], [1.0, 0.0, 0.0, 0.0]])
+@pytest.mark.parametrize("budget, bounds, iters", [(0.5, (0.25, 2.0), 100), (0.5, (0.4, 2.0), 100),
+                                                   (1.0, (0.1, 4.0), 100), (1.5, (0.25, 2.0), 100),
+                                                   (0.5, (0.25, 2.0), 10)])
+def test_steps_spend_the_budget_within_the_bounds_in_the_order_of_the_sensitivity(sensitivity, budget, bounds,
+                                                                                   iters):
+    """Zeros among the sensitivities (a unit whose quantization changes no logit) take steps only when the others
+    cannot take the budget; a lower bound of 2.5 steps means 3."""
     steps = allocate_steps(sensitivity, iters, budget, bounds)
     assert sum(steps) == round(budget * iters * len(sensitivity))
-    assert all(bounds[0] * iters <= n <= bounds[1] * iters + 1 for n in steps), steps
+    assert all(math.ceil(bounds[0] * iters) <= n <= bounds[1] * iters for n in steps), steps
     order = sorted(range(len(steps)), key=lambda i: sensitivity[i])
     # more sensitive: no fewer steps (rounding aside)
     assert all(steps[i] <= steps[j] + 1 for i, j in zip(order, order[1:])), (sensitivity, steps)
@@ -32,12 +37,19 @@ def test_steps_spend_the_budget_within_the_bounds_in_the_order_of_the_sensitivit
 
 
 def test_an_adaptive_budget_must_lie_within_the_bounds_and_a_unit_may_not_get_zero_steps():
-    with pytest.raises(PdqError, match=r"method.step_budget=0.2 .*\[0.25, 2"):
+    with pytest.raises(PdqError, match=r"step_bounds=\[0.25, 2.0\] with method.step_budget=0.2 \(method.steps="
+                                       r"adaptive\) .*fewest <= step_budget <= most"):
         make_phase("pdquant", steps="adaptive", step_budget=0.2)
     assert make_phase("pdquant", step_budget=0.2).step_budget == 0.2  # uniform: any share > 0
+    for bad in ({"steps": "adaptive", "step_budget": 0, "step_bounds": "[0,2]"}, {"step_budget": -1}):
+        with pytest.raises(PdqError, match="method.step_budget=.* > 0"):
+            make_phase("pdquant", **bad)
+    with pytest.raises(PdqError, match=r"step_bounds=\[2.0, 0.25\] .*0 <= fewest <= most"):
+        make_phase("pdquant", step_bounds="[2.0,0.25]")
     with pytest.raises(PdqError, match="method.step_bounds=.*two numbers"):
         make_phase("pdquant", step_bounds="[1.0]")
     assert allocate_steps([1.0, 0.0, 0.0], 2, 0.5, (0.0, 2.0)) == [1, 1, 1]  # at least one step each
+    assert allocate_steps([float("nan"), 1.0], 100, 1.0, (0.25, 2.0)) == [25, 175]  # not finite: as 0
 
 
 def test_a_unit_with_other_steps_stretches_its_schedules_and_its_learning_rates_over_them(make_cfg):

@@ -121,3 +121,39 @@ def test_every_pair_merged_leaves_the_stem_and_the_head_alone_and_too_many_merge
 
     with pytest.raises(PdqError, match="method.unit_merges=2 needs method.pattern=block.*pattern=layer"):
         make_phase("adaround", unit_merges=2)  # refused with the config, before any work
+
+
+def test_merges_on_the_reference_models_make_one_unit_of_three_in_the_widest_stage():
+    """With the stem and the head at 8 bits, the two largest capacity differences share a unit on both models."""
+    for model, joined in ((resnet20_fmnist, "layer2.2+layer3.0+layer3.1"),
+                          (mobilenetv2_fmnist, "features.7+features.8+features.9")):
+        qm = quantize_model(model(), bits=4)
+        for name in (quant_layer_names(qm)[0], quant_layer_names(qm)[-1]):
+            qm.get_submodule(name).weight_quant.bits = 8
+        assert [u.name for u in find_units(qm, merges=2) if u.source == "merged"] == [joined]
+
+
+class PooledNet(nn.Module):
+    """Blocks with a pooling layer between the first two: glue that no unit owns."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3)
+        self.a, self.pool, self.b, self.c = MyBlock(8), nn.MaxPool2d(2), MyBlock(8), MyBlock(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.c(self.b(self.pool(self.a(self.stem(x).relu()))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_merged_unit_holds_the_glue_between_its_parts():
+    qm = quantize_model(PooledNet(), bits=2)
+    for name in ("b.a", "b.b"):  # b unlike both neighbours; the tie goes to the earlier pair, a with b
+        qm.get_submodule(name).weight_quant.bits = 8
+    plain = find_units(qm)
+    assert [u.name for u in plain] == ["stem", "a", "b", "c", "head"]
+    (merged,) = [u for u in find_units(qm, merges=1) if u.source == "merged"]
+    assert merged.name == "a+b" and merged.input is plain[1].input and merged.output is plain[2].output
+    pool = next(n for n in qm.graph.nodes if n.op == "call_module" and n.target == "pool")
+    assert pool in merged.nodes and not any(pool in u.nodes for u in plain)

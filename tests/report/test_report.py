@@ -165,6 +165,22 @@ def test_runs_with_other_method_settings_are_separate_rows(tmp_path):
     assert "| pdquant | 50.00 | 1 |" in text  # model m2: one setting, plain name
 
 
+def test_runs_written_before_a_method_key_existed_share_the_row_of_its_default(tmp_path):
+    """A results.json from before `learn_weight_scale`, `steps` and `unit_merges` ran with their defaults (and
+    their lrs, bounds and optimisers played no part): it averages with a run that has the keys at those values,
+    and apart from one that turns a switch on."""
+    old = {"name": "qdrop", "iters": 5, "round_lr": 0.001}
+    new = {**old, "learn_weight_scale": False, "weight_scale_lr": 1e-4, "steps": "uniform", "step_budget": 1.0,
+           "step_bounds": [0.25, 2.0], "unit_merges": 0}
+    write_job(tmp_path, "old", old, quant_top1=60.0, seed=1)
+    write_job(tmp_path, "new", new, quant_top1=62.0, seed=2)
+    write_job(tmp_path, "merged", {**new, "unit_merges": 2}, quant_top1=70.0, seed=1)
+    main([str(tmp_path), "--out", str(tmp_path / "rep")])
+    text = (tmp_path / "rep" / "by_model.md").read_text()
+    assert f"| qdrop [unit_merges=0] | 61.00 ± {statistics.stdev([60.0, 62.0]):.2f} | 2 |" in text
+    assert "| qdrop [unit_merges=2] | 70.00 | 1 |" in text
+
+
 def qcfg(pd_weight, rec_weight, dc):
     return {"name": "x", "pd_weight": pd_weight, "rec_weight": rec_weight, "dc": {"enabled": dc, "steps": 5}}
 
