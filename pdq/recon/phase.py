@@ -122,7 +122,7 @@ class Phase:
 
     def with_steps(self, steps: int) -> Phase:
         """This phase for a unit fitted for `steps` steps instead of `iters`: the rounding schedule and the scales'
-        LR schedule (its `T_max` or `total_steps`) span them, and every learning rate (an optimiser's `lr`) is
+        LR schedule (its `T_max` or `total_steps`) span them, and each optimiser's `lr` keyword (only that one) is
         multiplied by iters / steps, so that Adam, whose step is about lr long, moves each variable as far in all."""
         sched = self.scale_scheduler
         for key in SCHEDULE_LENGTH_KEYS:

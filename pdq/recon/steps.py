@@ -34,9 +34,9 @@ def unit_sensitivity(gm: fx.GraphModule, units: list[Unit], images: torch.Tensor
                      act_observer: Observer, batch_size: int, temperature: float) -> list[float]:
     """The PD loss of `gm` (left as it is: the measurement works on a copy) with only each unit quantized."""
     g = copy.deepcopy(gm).eval()
-    quantizers = [m for m in g.modules() if isinstance(m, FakeQuantizer)]
-    for q in quantizers:
-        q.enabled = False
+    for q in g.modules():
+        if isinstance(q, FakeQuantizer):
+            q.enabled = False
     fp = batched_logits(g, images, batch_size)
     out = []
     for unit in units:
